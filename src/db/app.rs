@@ -1,0 +1,586 @@
+//! The application's own tables (users, organizations, organization members), whose names come
+//! from the config. Every name is checked against the catalog at start-up and only ever used
+//! quoted; values are always bound parameters.
+
+use std::collections::HashMap;
+
+use serde_json::{Map, Value};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+
+use crate::config::{quote_ident, Config, TableName};
+
+/// A configured table after checking it against the catalog.
+#[derive(Clone, Debug)]
+pub struct Table {
+    pub name: TableName,
+    /// `"schema"."table"`
+    pub quoted: String,
+    pub id_column: String,
+    /// The id column's type as Postgres spells it (from `format_type`), for casts.
+    pub id_type: String,
+}
+
+impl Table {
+    fn id(&self) -> String {
+        quote_ident(&self.id_column)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct MembersTable {
+    pub table: Table,
+    pub org_column: String,
+    pub org_type: String,
+    pub user_column: String,
+    pub user_type: String,
+}
+
+/// The app tables fusionsync works on, validated.
+#[derive(Clone, Debug)]
+pub struct AppTables {
+    pub users: Table,
+    /// FusionAuth field → column, only the mapped ones.
+    pub user_fields: Vec<(String, String)>,
+    pub organizations: Option<Table>,
+    pub members: Option<MembersTable>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppTablesError {
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+async fn column_types(
+    pool: &PgPool,
+    table: &TableName,
+) -> Result<Option<HashMap<String, String>>, sqlx::Error> {
+    let exists: bool = sqlx::query_scalar(
+        "select exists (select 1 from pg_catalog.pg_class c
+                          join pg_catalog.pg_namespace n on n.oid = c.relnamespace
+                         where n.nspname = $1 and c.relname = $2 and c.relkind in ('r', 'p'))",
+    )
+    .bind(&table.schema)
+    .bind(&table.name)
+    .fetch_one(pool)
+    .await?;
+    if !exists {
+        return Ok(None);
+    }
+    let rows = sqlx::query(
+        "select a.attname::text, format_type(a.atttypid, a.atttypmod)
+           from pg_catalog.pg_attribute a
+           join pg_catalog.pg_class c on c.oid = a.attrelid
+           join pg_catalog.pg_namespace n on n.oid = c.relnamespace
+          where n.nspname = $1 and c.relname = $2 and a.attnum > 0 and not a.attisdropped",
+    )
+    .bind(&table.schema)
+    .bind(&table.name)
+    .fetch_all(pool)
+    .await?;
+    Ok(Some(
+        rows.into_iter()
+            .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
+            .collect(),
+    ))
+}
+
+impl AppTables {
+    /// Checks every configured table and column against the catalog; reports all problems.
+    pub async fn resolve(pool: &PgPool, cfg: &Config) -> Result<Self, AppTablesError> {
+        let mut problems = Vec::new();
+        let mut check = |table: &TableName,
+                         key: &str,
+                         cols: &Option<HashMap<String, String>>,
+                         wanted: &[(&str, &str)]| {
+            match cols {
+                None => problems.push(format!(
+                    "{key}: table {table} does not exist (create it, or set {key} to the right schema.table)"
+                )),
+                Some(cols) => {
+                    for (col_key, col) in wanted {
+                        if !cols.contains_key(*col) {
+                            problems.push(format!(
+                                "{col_key}: column '{col}' does not exist in table {table}"
+                            ));
+                        }
+                    }
+                }
+            }
+        };
+
+        let ucols = column_types(pool, &cfg.users.table).await?;
+        let mut wanted: Vec<(String, String)> =
+            vec![("users.id_column".into(), cfg.users.columns.id.clone())];
+        for (field, col) in &cfg.users.columns.fields {
+            wanted.push((format!("users.columns.{field}"), col.clone()));
+        }
+        let wanted_ref: Vec<(&str, &str)> = wanted
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        check(&cfg.users.table, "users.table", &ucols, &wanted_ref);
+        let users = Table {
+            name: cfg.users.table.clone(),
+            quoted: cfg.users.table.quoted(),
+            id_column: cfg.users.columns.id.clone(),
+            id_type: ucols
+                .as_ref()
+                .and_then(|c| c.get(&cfg.users.columns.id).cloned())
+                .unwrap_or_else(|| "uuid".into()),
+        };
+
+        let organizations = if cfg.organizations.enabled {
+            let o = &cfg.organizations;
+            let ocols = column_types(pool, &o.table).await?;
+            let mut wanted = vec![
+                ("organizations.id_column".to_string(), o.id_column.clone()),
+                ("organizations.name_column".to_string(), o.name_column.clone()),
+            ];
+            for c in &o.data_columns {
+                wanted.push(("organizations.data_columns".into(), c.clone()));
+            }
+            let wanted_ref: Vec<(&str, &str)> = wanted
+                .iter()
+                .map(|(a, b)| (a.as_str(), b.as_str()))
+                .collect();
+            check(&o.table, "organizations.table", &ocols, &wanted_ref);
+            Some(Table {
+                name: o.table.clone(),
+                quoted: o.table.quoted(),
+                id_column: o.id_column.clone(),
+                id_type: ocols
+                    .as_ref()
+                    .and_then(|c| c.get(&o.id_column).cloned())
+                    .unwrap_or_else(|| "uuid".into()),
+            })
+        } else {
+            None
+        };
+
+        let members = if cfg.memberships.enabled && cfg.organizations.enabled {
+            let m = &cfg.memberships;
+            let mcols = column_types(pool, &m.table).await?;
+            let mut wanted = vec![
+                ("memberships.organization_column".to_string(), m.organization_column.clone()),
+                ("memberships.user_column".to_string(), m.user_column.clone()),
+            ];
+            if let Some(r) = &m.role_column {
+                wanted.push(("memberships.role_column".into(), r.clone()));
+            }
+            for c in &m.data_columns {
+                wanted.push(("memberships.data_columns".into(), c.clone()));
+            }
+            let wanted_ref: Vec<(&str, &str)> = wanted
+                .iter()
+                .map(|(a, b)| (a.as_str(), b.as_str()))
+                .collect();
+            check(&m.table, "memberships.table", &mcols, &wanted_ref);
+            let ty = |c: &str| {
+                mcols
+                    .as_ref()
+                    .and_then(|cols| cols.get(c).cloned())
+                    .unwrap_or_else(|| "uuid".into())
+            };
+            Some(MembersTable {
+                table: Table {
+                    name: m.table.clone(),
+                    quoted: m.table.quoted(),
+                    id_column: m.organization_column.clone(),
+                    id_type: ty(&m.organization_column),
+                },
+                org_column: m.organization_column.clone(),
+                org_type: ty(&m.organization_column),
+                user_column: m.user_column.clone(),
+                user_type: ty(&m.user_column),
+            })
+        } else {
+            None
+        };
+
+        if !problems.is_empty() {
+            return Err(AppTablesError::Invalid(problems));
+        }
+        Ok(AppTables {
+            users,
+            user_fields: cfg
+                .users
+                .columns
+                .fields
+                .iter()
+                .map(|(f, c)| (f.clone(), c.clone()))
+                .collect(),
+            organizations,
+            members,
+        })
+    }
+
+    /// Creates (or, when the Postgres source is off, drops) the statement-level triggers that
+    /// record changes of the app tables. Idempotent; runs in one transaction.
+    pub async fn install_triggers(&self, pool: &PgPool, enabled: bool) -> Result<(), sqlx::Error> {
+        let mut targets: Vec<(&Table, &str, String)> =
+            vec![(&self.users, "user", self.users.id_column.clone())];
+        if let Some(o) = &self.organizations {
+            targets.push((o, "organization", o.id_column.clone()));
+        }
+        if let Some(m) = &self.members {
+            targets.push((&m.table, "membership", m.org_column.clone()));
+        }
+        let mut tx = pool.begin().await?;
+        // Serialize concurrent start-ups of several instances.
+        sqlx::query("select pg_advisory_xact_lock(hashtext('fusionsync.install_triggers'))")
+            .execute(&mut *tx)
+            .await?;
+        for (table, kind, key_col) in targets {
+            for op in ["insert", "update", "delete"] {
+                let trigger = quote_ident(&format!("fusionsync_{kind}_{op}"));
+                sqlx::query(&format!(
+                    "drop trigger if exists {trigger} on {}",
+                    table.quoted
+                ))
+                .execute(&mut *tx)
+                .await?;
+                if !enabled {
+                    continue;
+                }
+                let referencing = match op {
+                    "insert" => "new table as fusionsync_new_rows",
+                    "update" => "old table as fusionsync_old_rows new table as fusionsync_new_rows",
+                    _ => "old table as fusionsync_old_rows",
+                };
+                // Trigger arguments are string literals: escape the column name as one.
+                let key_literal = format!("'{}'", key_col.replace('\'', "''"));
+                sqlx::query(&format!(
+                    "create trigger {trigger} after {op} on {} referencing {referencing}
+                     for each statement execute function fusionsync.record_change('{kind}', {key_literal})",
+                    table.quoted
+                ))
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    // ---- users ---------------------------------------------------------------------------
+
+    /// Current rows of the given users, keyed by id text. Keys must already be valid ids.
+    pub async fn users_by_ids(
+        &self,
+        pool: &PgPool,
+        keys: &[String],
+    ) -> Result<HashMap<String, Value>, sqlx::Error> {
+        rows_by_ids(pool, &self.users, keys).await
+    }
+
+    pub async fn user_by_id(&self, pool: &PgPool, key: &str) -> Result<Option<Value>, sqlx::Error> {
+        Ok(rows_by_ids(pool, &self.users, &[key.to_string()])
+            .await?
+            .remove(key))
+    }
+
+    /// Upserts the mapped columns of one user as fusionsync (the trigger skips it). Returns
+    /// whether the row changed.
+    pub async fn upsert_user(
+        &self,
+        pool: &PgPool,
+        key: &str,
+        columns: &Map<String, Value>,
+    ) -> Result<bool, sqlx::Error> {
+        let mut tx = origin_tx(pool).await?;
+        let changed = upsert_row(&mut tx, &self.users, key, columns).await?;
+        tx.commit().await?;
+        Ok(changed)
+    }
+
+    pub async fn delete_user(&self, pool: &PgPool, key: &str) -> Result<bool, sqlx::Error> {
+        let mut tx = origin_tx(pool).await?;
+        let n = sqlx::query(&format!(
+            "delete from {} where {} = cast($1 as {})",
+            self.users.quoted,
+            self.users.id(),
+            self.users.id_type
+        ))
+        .bind(key)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(n > 0)
+    }
+
+    /// One page of users in id order, after `after` (keyset paging for the full reconcile).
+    pub async fn users_page(
+        &self,
+        pool: &PgPool,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Value)>, sqlx::Error> {
+        page(pool, &self.users, after, limit).await
+    }
+
+    // ---- organizations -------------------------------------------------------------------
+
+    pub async fn organization(&self, pool: &PgPool, key: &str) -> Result<Option<Value>, sqlx::Error> {
+        match &self.organizations {
+            Some(t) => Ok(rows_by_ids(pool, t, &[key.to_string()]).await?.remove(key)),
+            None => Ok(None),
+        }
+    }
+
+    /// Organizations whose name column equals `name` (to explain a group-name collision).
+    pub async fn organizations_named(
+        &self,
+        pool: &PgPool,
+        name_column: &str,
+        name: &str,
+    ) -> Result<Vec<String>, sqlx::Error> {
+        let Some(t) = &self.organizations else {
+            return Ok(Vec::new());
+        };
+        sqlx::query_scalar(&format!(
+            "select {}::text from {} where {} = $1",
+            t.id(),
+            t.quoted,
+            quote_ident(name_column)
+        ))
+        .bind(name)
+        .fetch_all(pool)
+        .await
+    }
+
+    pub async fn organizations_page(
+        &self,
+        pool: &PgPool,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Value)>, sqlx::Error> {
+        match &self.organizations {
+            Some(t) => page(pool, t, after, limit).await,
+            None => Ok(Vec::new()),
+        }
+    }
+
+    // ---- memberships ---------------------------------------------------------------------
+
+    /// The membership rows of one organization.
+    pub async fn members_of(&self, pool: &PgPool, org_key: &str) -> Result<Vec<Value>, sqlx::Error> {
+        let Some(m) = &self.members else {
+            return Ok(Vec::new());
+        };
+        sqlx::query_scalar(&format!(
+            "select to_jsonb(t) from {} t where {} = cast($1 as {})",
+            m.table.quoted,
+            quote_ident(&m.org_column),
+            m.org_type
+        ))
+        .bind(org_key)
+        .fetch_all(pool)
+        .await
+    }
+
+    /// Makes the membership rows of one organization equal `wanted` (user id → column values),
+    /// as fusionsync (the trigger skips it). Used in two-way membership mode.
+    pub async fn write_members(
+        &self,
+        pool: &PgPool,
+        org_key: &str,
+        remove: &[String],
+        upsert: &[(String, Map<String, Value>)],
+    ) -> Result<(), sqlx::Error> {
+        let Some(m) = &self.members else {
+            return Ok(());
+        };
+        let mut tx = origin_tx(pool).await?;
+        if !remove.is_empty() {
+            sqlx::query(&format!(
+                "delete from {} where {} = cast($1 as {}) and {}::text = any($2)",
+                m.table.quoted,
+                quote_ident(&m.org_column),
+                m.org_type,
+                quote_ident(&m.user_column)
+            ))
+            .bind(org_key)
+            .bind(remove)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for (user, cols) in upsert {
+            let mut cols = cols.clone();
+            cols.insert(m.org_column.clone(), Value::String(org_key.to_string()));
+            cols.insert(m.user_column.clone(), Value::String(user.clone()));
+            let names: Vec<String> = cols.keys().map(|c| quote_ident(c)).collect();
+            let updates: Vec<String> = cols
+                .keys()
+                .filter(|c| **c != m.org_column && **c != m.user_column)
+                .map(|c| format!("{0} = excluded.{0}", quote_ident(c)))
+                .collect();
+            let conflict = if updates.is_empty() {
+                "do nothing".to_string()
+            } else {
+                format!("do update set {}", updates.join(", "))
+            };
+            sqlx::query(&format!(
+                "insert into {table} ({cols})
+                 select {cols} from jsonb_populate_record(null::{table}, $1)
+                 on conflict ({org}, {user}) {conflict}",
+                table = m.table.quoted,
+                cols = names.join(", "),
+                org = quote_ident(&m.org_column),
+                user = quote_ident(&m.user_column),
+            ))
+            .bind(Value::Object(cols))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Distinct organization ids that have membership rows, paged (full reconcile).
+    pub async fn membership_orgs_page(
+        &self,
+        pool: &PgPool,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, sqlx::Error> {
+        let Some(m) = &self.members else {
+            return Ok(Vec::new());
+        };
+        let org = quote_ident(&m.org_column);
+        let sql = match after {
+            Some(_) => format!(
+                "select distinct {org}::text, {org} from {t} where {org} > cast($1 as {ty}) order by {org} limit $2",
+                t = m.table.quoted,
+                ty = m.org_type
+            ),
+            None => format!(
+                "select distinct {org}::text, {org} from {t} where $1::text is null order by {org} limit $2",
+                t = m.table.quoted
+            ),
+        };
+        let rows = sqlx::query(&sql)
+            .bind(after)
+            .bind(limit as i64)
+            .fetch_all(pool)
+            .await?;
+        Ok(rows.into_iter().map(|r| r.get::<String, _>(0)).collect())
+    }
+}
+
+/// A transaction whose writes the trigger ignores (`fusionsync.origin = 'fusionauth'`).
+async fn origin_tx(pool: &PgPool) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("select set_config('fusionsync.origin', 'fusionauth', true)")
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
+async fn rows_by_ids(
+    pool: &PgPool,
+    table: &Table,
+    keys: &[String],
+) -> Result<HashMap<String, Value>, sqlx::Error> {
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows = sqlx::query(&format!(
+        "select t.{id}::text, to_jsonb(t) from {table} t
+          where t.{id} = any(cast($1 as text[])::{ty}[])",
+        id = table.id(),
+        table = table.quoted,
+        ty = table.id_type
+    ))
+    .bind(keys)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.get::<String, _>(0), r.get::<Value, _>(1)))
+        .collect())
+}
+
+async fn page(
+    pool: &PgPool,
+    table: &Table,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<(String, Value)>, sqlx::Error> {
+    let sql = match after {
+        Some(_) => format!(
+            "select t.{id}::text, to_jsonb(t) from {table} t
+              where t.{id} > cast($1 as {ty}) order by t.{id} limit $2",
+            id = table.id(),
+            table = table.quoted,
+            ty = table.id_type
+        ),
+        None => format!(
+            "select t.{id}::text, to_jsonb(t) from {table} t
+              where $1::text is null order by t.{id} limit $2",
+            id = table.id(),
+            table = table.quoted
+        ),
+    };
+    let rows = sqlx::query(&sql)
+        .bind(after)
+        .bind(limit as i64)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.get::<String, _>(0), r.get::<Value, _>(1)))
+        .collect())
+}
+
+/// `insert … on conflict (id) do update` of the given columns, writing only when a value
+/// differs (so an unchanged row fires no trigger and bumps nothing).
+async fn upsert_row(
+    tx: &mut Transaction<'_, Postgres>,
+    table: &Table,
+    key: &str,
+    columns: &Map<String, Value>,
+) -> Result<bool, sqlx::Error> {
+    let mut cols = columns.clone();
+    cols.insert(table.id_column.clone(), Value::String(key.to_string()));
+    let names: Vec<String> = cols.keys().map(|c| quote_ident(c)).collect();
+    let non_id: Vec<String> = cols
+        .keys()
+        .filter(|c| **c != table.id_column)
+        .map(|c| quote_ident(c))
+        .collect();
+    let conflict = if non_id.is_empty() {
+        "do nothing".to_string()
+    } else {
+        format!(
+            "do update set ({cols}) = row({excluded})
+             where ({current}) is distinct from ({excluded})",
+            cols = non_id.join(", "),
+            excluded = non_id
+                .iter()
+                .map(|c| format!("excluded.{c}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            current = non_id
+                .iter()
+                .map(|c| format!("{}.{c}", table.quoted))
+                .collect::<Vec<_>>()
+                .join(", "),
+        )
+    };
+    let n = sqlx::query(&format!(
+        "insert into {table} ({names}) select {names} from jsonb_populate_record(null::{table}, $1)
+         on conflict ({id}) {conflict}",
+        table = table.quoted,
+        names = names.join(", "),
+        id = table.id(),
+    ))
+    .bind(Value::Object(cols))
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    Ok(n > 0)
+}

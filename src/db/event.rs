@@ -1,0 +1,579 @@
+//! `fusionsync.event`: recording events, claiming them with a lease, and recording outcomes.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{PgPool, Postgres, Row};
+
+use crate::db::CHANNEL;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EntityKind {
+    User,
+    Organization,
+    Membership,
+}
+
+impl EntityKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntityKind::User => "user",
+            EntityKind::Organization => "organization",
+            EntityKind::Membership => "membership",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "user" => Some(EntityKind::User),
+            "organization" => Some(EntityKind::Organization),
+            "membership" => Some(EntityKind::Membership),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    ToFusionAuth,
+    ToDatabase,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::ToFusionAuth => "to_fusionauth",
+            Direction::ToDatabase => "to_database",
+        }
+    }
+}
+
+/// An event to record.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewEvent {
+    pub source: String,
+    pub kind: EntityKind,
+    pub key: String,
+    pub direction: Direction,
+    pub op: String,
+    pub payload: Option<Value>,
+    pub dedup_key: Option<String>,
+}
+
+/// Records events in one statement and wakes the workers; returns how many were new (a
+/// duplicate `dedup_key` is skipped, which makes redelivery a no-op).
+pub async fn insert_events(pool: &PgPool, events: &[NewEvent]) -> Result<u64, sqlx::Error> {
+    if events.is_empty() {
+        return Ok(0);
+    }
+    let mut tx = pool.begin().await?;
+    let n = insert_events_in(&mut tx, events).await?;
+    if n > 0 {
+        notify(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(n)
+}
+
+pub async fn insert_events_in(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    events: &[NewEvent],
+) -> Result<u64, sqlx::Error> {
+    let mut sources = Vec::with_capacity(events.len());
+    let mut kinds = Vec::with_capacity(events.len());
+    let mut keys = Vec::with_capacity(events.len());
+    let mut dirs = Vec::with_capacity(events.len());
+    let mut ops = Vec::with_capacity(events.len());
+    let mut payloads = Vec::with_capacity(events.len());
+    let mut dedups = Vec::with_capacity(events.len());
+    for e in events {
+        sources.push(e.source.clone());
+        kinds.push(e.kind.as_str().to_string());
+        keys.push(e.key.clone());
+        dirs.push(e.direction.as_str().to_string());
+        ops.push(e.op.clone());
+        payloads.push(e.payload.clone().unwrap_or(Value::Null));
+        dedups.push(e.dedup_key.clone());
+    }
+    let res = sqlx::query(
+        "insert into fusionsync.event
+             (source, entity_kind, entity_key, direction, op, payload, dedup_key)
+         select s, k, key, d, o, nullif(p, 'null'::jsonb), dk
+         from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::text[])
+              as t(s, k, key, d, o, p, dk)
+         on conflict (dedup_key) do nothing",
+    )
+    .bind(&sources)
+    .bind(&kinds)
+    .bind(&keys)
+    .bind(&dirs)
+    .bind(&ops)
+    .bind(&payloads)
+    .bind(&dedups)
+    .execute(&mut **tx)
+    .await?;
+    Ok(res.rows_affected())
+}
+
+pub async fn notify<'e, E: sqlx::PgExecutor<'e>>(executor: E) -> Result<(), sqlx::Error> {
+    sqlx::query("select pg_notify($1, '')")
+        .bind(CHANNEL)
+        .execute(executor)
+        .await?;
+    Ok(())
+}
+
+/// One claimed event.
+#[derive(Clone, Debug)]
+pub struct ClaimedEvent {
+    pub id: i64,
+    pub source: String,
+    pub direction: Direction,
+    pub op: String,
+    pub payload: Option<Value>,
+    pub attempts: i32,
+    pub created_at: DateTime<Utc>,
+}
+
+/// All due events of one entity, claimed together (coalesced) under one entity lease.
+#[derive(Clone, Debug)]
+pub struct ClaimedEntity {
+    pub kind: EntityKind,
+    pub key: String,
+    /// The fingerprint of the state both sides last agreed on.
+    pub fingerprint: Option<String>,
+    pub events: Vec<ClaimedEvent>,
+}
+
+impl ClaimedEntity {
+    pub fn attempts(&self) -> i32 {
+        self.events.iter().map(|e| e.attempts).max().unwrap_or(0)
+    }
+    pub fn ids(&self) -> Vec<i64> {
+        self.events.iter().map(|e| e.id).collect()
+    }
+    pub fn has(&self, direction: Direction) -> bool {
+        self.events.iter().any(|e| e.direction == direction)
+    }
+    /// Ask for a full comparison instead of trusting the fingerprint (reconcile, webhooks that
+    /// say FusionAuth was changed by hand).
+    pub fn forced(&self, direction: Direction) -> bool {
+        self.events.iter().any(|e| {
+            e.direction == direction
+                && e.payload
+                    .as_ref()
+                    .and_then(|p| p.get("force"))
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false)
+        })
+    }
+    pub fn has_op(&self, pred: impl Fn(&str) -> bool) -> bool {
+        self.events.iter().any(|e| pred(&e.op))
+    }
+}
+
+/// Puts events whose lease ran out (their worker died) back to pending.
+pub async fn release_expired_leases(pool: &PgPool) -> Result<u64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let n = sqlx::query(
+        "update fusionsync.event
+            set state = 'pending', locked_by = null, locked_until = null, updated_at = now()
+          where state = 'processing' and locked_until < now()",
+    )
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tx.commit().await?;
+    Ok(n)
+}
+
+/// Claims up to `limit` entities with due events: one short transaction that takes the
+/// entity leases and marks every due event of those entities as processing.
+pub async fn claim(
+    pool: &PgPool,
+    worker_id: &str,
+    limit: usize,
+    lease: Duration,
+) -> Result<Vec<ClaimedEntity>, sqlx::Error> {
+    let lease_ms = lease.as_millis() as i64;
+    let mut tx = pool.begin().await?;
+    // 1. candidate events, skipping rows another claimer is looking at right now
+    let rows = sqlx::query(
+        "select entity_kind, entity_key from fusionsync.event
+          where state = 'pending' and next_attempt_at <= now()
+          order by next_attempt_at, id
+          limit $1
+          for update skip locked",
+    )
+    .bind((limit.saturating_mul(2)) as i64)
+    .fetch_all(&mut *tx)
+    .await?;
+    if rows.is_empty() {
+        tx.commit().await?;
+        return Ok(Vec::new());
+    }
+    let mut wanted: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
+        .collect();
+    wanted.sort();
+    wanted.dedup();
+    wanted.truncate(limit);
+    let (kinds, keys): (Vec<String>, Vec<String>) = wanted.into_iter().unzip();
+
+    // 2. entity leases; the upsert waits for a concurrent claimer of the same entity and then
+    //    sees its lease, so one entity is never held twice. Sorted order rules out deadlocks.
+    let locked = sqlx::query(
+        "insert into fusionsync.entity as en (entity_kind, entity_key, locked_by, locked_until)
+         select k, key, $3, now() + make_interval(secs => $4::float8 / 1000)
+           from unnest($1::text[], $2::text[]) as t(k, key)
+          order by k, key
+         on conflict (entity_kind, entity_key) do update
+            set locked_by = excluded.locked_by, locked_until = excluded.locked_until
+          where en.locked_until < now()
+         returning entity_kind, entity_key, fingerprint",
+    )
+    .bind(&kinds)
+    .bind(&keys)
+    .bind(worker_id)
+    .bind(lease_ms)
+    .fetch_all(&mut *tx)
+    .await?;
+    if locked.is_empty() {
+        tx.commit().await?;
+        return Ok(Vec::new());
+    }
+    let mut lkinds = Vec::with_capacity(locked.len());
+    let mut lkeys = Vec::with_capacity(locked.len());
+    let mut entities: Vec<ClaimedEntity> = Vec::with_capacity(locked.len());
+    for r in &locked {
+        let kind: String = r.get(0);
+        let key: String = r.get(1);
+        lkinds.push(kind.clone());
+        lkeys.push(key.clone());
+        entities.push(ClaimedEntity {
+            kind: EntityKind::parse(&kind).unwrap_or(EntityKind::User),
+            key,
+            fingerprint: r.get(2),
+            events: Vec::new(),
+        });
+    }
+
+    // 3. every due event of the leased entities (coalescing older duplicates into this run)
+    let events = sqlx::query(
+        "update fusionsync.event e
+            set state = 'processing', locked_by = $3,
+                locked_until = now() + make_interval(secs => $4::float8 / 1000),
+                attempts = e.attempts + 1, updated_at = now()
+           from (select ev.id from fusionsync.event ev
+                  join unnest($1::text[], $2::text[]) as t(k, key)
+                    on ev.entity_kind = t.k and ev.entity_key = t.key
+                 where ev.state = 'pending' and ev.next_attempt_at <= now()
+                 for update of ev skip locked) s
+          where e.id = s.id
+         returning e.id, e.entity_kind, e.entity_key, e.source, e.direction, e.op, e.payload,
+                   e.attempts, e.created_at",
+    )
+    .bind(&lkinds)
+    .bind(&lkeys)
+    .bind(worker_id)
+    .bind(lease_ms)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+
+    let mut index: std::collections::HashMap<(String, String), usize> = entities
+        .iter()
+        .enumerate()
+        .map(|(i, e)| ((e.kind.as_str().to_string(), e.key.clone()), i))
+        .collect();
+    for r in events {
+        let kind: String = r.get(1);
+        let key: String = r.get(2);
+        let direction: String = r.get(4);
+        if let Some(i) = index.get_mut(&(kind, key)) {
+            entities[*i].events.push(ClaimedEvent {
+                id: r.get(0),
+                source: r.get(3),
+                direction: if direction == "to_database" {
+                    Direction::ToDatabase
+                } else {
+                    Direction::ToFusionAuth
+                },
+                op: r.get(5),
+                payload: r.get(6),
+                attempts: r.get(7),
+                created_at: r.get(8),
+            });
+        }
+    }
+    // An entity whose events were all taken by a concurrent claimer has nothing to do:
+    // give its lease back right away.
+    let (empty, full): (Vec<_>, Vec<_>) = entities.into_iter().partition(|e| e.events.is_empty());
+    if !empty.is_empty() {
+        release_entities(pool, worker_id, &empty, &[]).await?;
+    }
+    let mut full = full;
+    for e in &mut full {
+        e.events.sort_by_key(|ev| ev.id);
+    }
+    Ok(full)
+}
+
+/// What happened to one claimed entity.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    /// In agreement; the new fingerprint (None keeps the stored one).
+    Done { fingerprint: Option<String> },
+    /// Try again at the given delay.
+    Retry { error: String, delay: Duration, count_attempt: bool },
+    /// Dead: kept as failed with the error.
+    Failed { error: String },
+}
+
+/// Records the outcomes of a set of entities in a few statements, then releases their leases.
+/// Only events still leased by this worker are touched (a lease that ran out belongs to
+/// whoever claimed the events next).
+pub async fn complete(
+    pool: &PgPool,
+    worker_id: &str,
+    results: &[(ClaimedEntity, Outcome)],
+) -> Result<(), sqlx::Error> {
+    let mut done_ids = Vec::new();
+    let mut fp_kinds = Vec::new();
+    let mut fp_keys = Vec::new();
+    let mut fps = Vec::new();
+    let mut retry_ids = Vec::new();
+    let mut retry_delays = Vec::new();
+    let mut retry_errors = Vec::new();
+    let mut retry_counts = Vec::new();
+    let mut failed_ids = Vec::new();
+    let mut failed_errors = Vec::new();
+    for (entity, outcome) in results {
+        match outcome {
+            Outcome::Done { fingerprint } => {
+                done_ids.extend(entity.ids());
+                if let Some(fp) = fingerprint {
+                    fp_kinds.push(entity.kind.as_str().to_string());
+                    fp_keys.push(entity.key.clone());
+                    fps.push(fp.clone());
+                }
+            }
+            Outcome::Retry {
+                error,
+                delay,
+                count_attempt,
+            } => {
+                for id in entity.ids() {
+                    retry_ids.push(id);
+                    retry_delays.push(delay.as_millis() as i64);
+                    retry_errors.push(error.clone());
+                    retry_counts.push(*count_attempt);
+                }
+            }
+            Outcome::Failed { error } => {
+                for id in entity.ids() {
+                    failed_ids.push(id);
+                    failed_errors.push(error.clone());
+                }
+            }
+        }
+    }
+    let mut tx = pool.begin().await?;
+    if !done_ids.is_empty() {
+        sqlx::query(
+            "update fusionsync.event
+                set state = 'done', processed_at = now(), updated_at = now(),
+                    locked_by = null, locked_until = null, last_error = null
+              where id = any($1) and state = 'processing' and locked_by = $2",
+        )
+        .bind(&done_ids)
+        .bind(worker_id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !fps.is_empty() {
+        sqlx::query(
+            "update fusionsync.entity en set fingerprint = t.fp, synced_at = now()
+               from unnest($1::text[], $2::text[], $3::text[]) as t(k, key, fp)
+              where en.entity_kind = t.k and en.entity_key = t.key and en.locked_by = $4",
+        )
+        .bind(&fp_kinds)
+        .bind(&fp_keys)
+        .bind(&fps)
+        .bind(worker_id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !retry_ids.is_empty() {
+        sqlx::query(
+            "update fusionsync.event e
+                set state = 'pending', locked_by = null, locked_until = null, updated_at = now(),
+                    next_attempt_at = now() + make_interval(secs => t.ms::float8 / 1000),
+                    last_error = t.err,
+                    attempts = case when t.counts then e.attempts else greatest(e.attempts - 1, 0) end
+               from unnest($1::bigint[], $2::bigint[], $3::text[], $4::bool[]) as t(id, ms, err, counts)
+              where e.id = t.id and e.state = 'processing' and e.locked_by = $5",
+        )
+        .bind(&retry_ids)
+        .bind(&retry_delays)
+        .bind(&retry_errors)
+        .bind(&retry_counts)
+        .bind(worker_id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !failed_ids.is_empty() {
+        sqlx::query(
+            "with f as (
+                update fusionsync.event e
+                   set state = 'failed', locked_by = null, locked_until = null, updated_at = now(),
+                       last_error = t.err
+                  from unnest($1::bigint[], $2::text[]) as t(id, err)
+                 where e.id = t.id and e.state = 'processing' and e.locked_by = $3
+             returning e.id, e.attempts, e.last_error)
+             insert into fusionsync.event_history (event_id, action, state, attempts, last_error)
+             select id, 'failed', 'failed', attempts, last_error from f",
+        )
+        .bind(&failed_ids)
+        .bind(&failed_errors)
+        .bind(worker_id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let entities: Vec<&ClaimedEntity> = results.iter().map(|(e, _)| e).collect();
+    release_in(&mut tx, worker_id, &entities).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn release_in(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    worker_id: &str,
+    entities: &[&ClaimedEntity],
+) -> Result<(), sqlx::Error> {
+    if entities.is_empty() {
+        return Ok(());
+    }
+    let kinds: Vec<String> = entities.iter().map(|e| e.kind.as_str().to_string()).collect();
+    let keys: Vec<String> = entities.iter().map(|e| e.key.clone()).collect();
+    sqlx::query(
+        "update fusionsync.entity en set locked_by = null, locked_until = '-infinity'
+           from unnest($1::text[], $2::text[]) as t(k, key)
+          where en.entity_kind = t.k and en.entity_key = t.key and en.locked_by = $3",
+    )
+    .bind(&kinds)
+    .bind(&keys)
+    .bind(worker_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Gives leases back without recording an outcome (clean shutdown, nothing to do); the
+/// listed events go back to pending with their attempt uncounted.
+pub async fn release_entities(
+    pool: &PgPool,
+    worker_id: &str,
+    entities: &[ClaimedEntity],
+    event_ids: &[i64],
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    if !event_ids.is_empty() {
+        sqlx::query(
+            "update fusionsync.event
+                set state = 'pending', locked_by = null, locked_until = null, updated_at = now(),
+                    attempts = greatest(attempts - 1, 0)
+              where id = any($1) and state = 'processing' and locked_by = $2",
+        )
+        .bind(event_ids)
+        .bind(worker_id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let refs: Vec<&ClaimedEntity> = entities.iter().collect();
+    release_in(&mut tx, worker_id, &refs).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Releases everything this worker still holds (after a clean stop).
+pub async fn release_worker(pool: &PgPool, worker_id: &str) -> Result<u64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let n = sqlx::query(
+        "update fusionsync.event
+            set state = 'pending', locked_by = null, locked_until = null, updated_at = now(),
+                attempts = greatest(attempts - 1, 0)
+          where state = 'processing' and locked_by = $1",
+    )
+    .bind(worker_id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    sqlx::query(
+        "update fusionsync.entity set locked_by = null, locked_until = '-infinity'
+          where locked_by = $1",
+    )
+    .bind(worker_id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
+/// Whether anything is due now (after a batch, decides between claiming again and waiting).
+pub async fn any_due(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "select exists (select 1 from fusionsync.event
+                         where state = 'pending' and next_attempt_at <= now())",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// Deletes done events processed before `older_than` ago, at most `batch` of them.
+pub async fn prune_done(pool: &PgPool, older_than: Duration, batch: i64) -> Result<u64, sqlx::Error> {
+    let n = sqlx::query(
+        "delete from fusionsync.event where id in (
+            select id from fusionsync.event
+             where state = 'done'
+               and processed_at < now() - make_interval(secs => $1::float8)
+             limit $2)",
+    )
+    .bind(older_than.as_secs_f64())
+    .bind(batch)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(n)
+}
+
+pub async fn count_prunable(pool: &PgPool, older_than: Duration) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "select count(*) from fusionsync.event
+          where state = 'done' and processed_at < now() - make_interval(secs => $1::float8)",
+    )
+    .bind(older_than.as_secs_f64())
+    .fetch_one(pool)
+    .await
+}
+
+/// Whether the entity has events of the given direction still waiting (a change on that side
+/// that has not been applied yet).
+pub async fn has_pending(
+    pool: &PgPool,
+    kind: EntityKind,
+    key: &str,
+    direction: Direction,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "select exists (select 1 from fusionsync.event
+                         where entity_kind = $1 and entity_key = $2 and direction = $3
+                           and state = 'pending')",
+    )
+    .bind(kind.as_str())
+    .bind(key)
+    .bind(direction.as_str())
+    .fetch_one(pool)
+    .await
+}
