@@ -21,7 +21,8 @@ use crate::worker::{listener, SyncContext, Worker};
 
 /// Connects, waiting up to ~30s for a database that is still starting, then migrates.
 pub async fn prepare_database(cfg: &Config) -> anyhow::Result<PgPool> {
-    let pool = crate::db::pool(&cfg.database).context("database.url is not a valid Postgres URL")?;
+    let pool =
+        crate::db::pool(&cfg.database).context("database.url is not a valid Postgres URL")?;
     let mut tries = 0;
     loop {
         match sqlx::query("select 1").execute(&pool).await {
@@ -31,11 +32,16 @@ pub async fn prepare_database(cfg: &Config) -> anyhow::Result<PgPool> {
                 warn!(error = %e, "database not reachable yet; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            Err(e) => return Err(anyhow::Error::new(e).context("cannot connect to the database (database.url / DATABASE_URL)")),
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context("cannot connect to the database (database.url / DATABASE_URL)"))
+            }
         }
     }
     if cfg.database.migrate_on_start {
-        crate::db::migrate(&pool).await.context("applying fusionsync's migrations failed")?;
+        crate::db::migrate(&pool)
+            .await
+            .context("applying fusionsync's migrations failed")?;
     } else if !crate::db::migrations_applied(&pool).await? {
         anyhow::bail!("fusionsync's migrations are not applied and database.migrate_on_start = false: run `fusionsync migrate`");
     }
@@ -44,9 +50,9 @@ pub async fn prepare_database(cfg: &Config) -> anyhow::Result<PgPool> {
 
 /// Checks the configured app tables and installs (or removes) the change triggers.
 pub async fn prepare_tables(pool: &PgPool, cfg: &Config) -> anyhow::Result<AppTables> {
-    let tables = AppTables::resolve(pool, cfg)
-        .await
-        .map_err(|e| anyhow::anyhow!("the configured app tables do not match the database:\n{e}"))?;
+    let tables = AppTables::resolve(pool, cfg).await.map_err(|e| {
+        anyhow::anyhow!("the configured app tables do not match the database:\n{e}")
+    })?;
     tables
         .install_triggers(pool, cfg.sources.postgres_triggers)
         .await
@@ -65,9 +71,19 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> anyhow::Result<Run
     let pool = prepare_database(&cfg).await?;
     let tables = prepare_tables(&pool, &cfg).await?;
     let metrics = Arc::new(Metrics::new());
-    let fa = FusionAuthClient::new(&cfg.fusionauth, cfg.retry.in_attempt_max_elapsed, Some(metrics.clone()))
-        .context("building the FusionAuth HTTP client")?;
-    let ctx = Arc::new(SyncContext::new(pool.clone(), fa, cfg.clone(), tables.clone(), metrics.clone()));
+    let fa = FusionAuthClient::new(
+        &cfg.fusionauth,
+        cfg.retry.in_attempt_max_elapsed,
+        Some(metrics.clone()),
+    )
+    .context("building the FusionAuth HTTP client")?;
+    let ctx = Arc::new(SyncContext::new(
+        pool.clone(),
+        fa,
+        cfg.clone(),
+        tables.clone(),
+        metrics.clone(),
+    ));
 
     if cfg.hasura.secret.is_none() && cfg.sources.hasura && cfg.http.enabled {
         warn!("hasura.secret is not set: POST /hasura/events refuses every request until it is");
@@ -84,11 +100,26 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> anyhow::Result<Run
     let wake = Arc::new(Notify::new());
     let listening = Arc::new(AtomicBool::new(false));
     if cfg.worker.enabled {
-        tasks.push(tokio::spawn(listener::run(pool.clone(), wake.clone(), listening.clone(), cancel.clone())));
-        tasks.push(tokio::spawn(Worker::new(ctx.clone()).run(wake.clone(), cancel.clone())));
-        tasks.push(tokio::spawn(retention_loop(pool.clone(), cfg.clone(), cancel.clone())));
+        tasks.push(tokio::spawn(listener::run(
+            pool.clone(),
+            wake.clone(),
+            listening.clone(),
+            cancel.clone(),
+        )));
+        tasks.push(tokio::spawn(
+            Worker::new(ctx.clone()).run(wake.clone(), cancel.clone()),
+        ));
+        tasks.push(tokio::spawn(retention_loop(
+            pool.clone(),
+            cfg.clone(),
+            cancel.clone(),
+        )));
         if let Some(every) = cfg.reconcile.interval {
-            tasks.push(tokio::spawn(crate::reconcile::periodic(ctx.clone(), every, cancel.clone())));
+            tasks.push(tokio::spawn(crate::reconcile::periodic(
+                ctx.clone(),
+                every,
+                cancel.clone(),
+            )));
         }
     }
 
@@ -111,7 +142,8 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> anyhow::Result<Run
         let app = http::router(state);
         let token = cancel.clone();
         tasks.push(tokio::spawn(async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async move { token.cancelled().await });
+            let serve = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { token.cancelled().await });
             if let Err(e) = serve.await {
                 error!(error = %e, "HTTP server failed");
             }
@@ -172,7 +204,13 @@ async fn retention_loop(pool: PgPool, cfg: Arc<Config>, cancel: CancellationToke
         }
         let mut total = 0;
         loop {
-            match crate::db::event::prune_done(&pool, cfg.retention.done_after, cfg.retention.batch_size).await {
+            match crate::db::event::prune_done(
+                &pool,
+                cfg.retention.done_after,
+                cfg.retention.batch_size,
+            )
+            .await
+            {
                 Ok(n) => {
                     total += n;
                     if (n as i64) < cfg.retention.batch_size || cancel.is_cancelled() {
@@ -186,7 +224,10 @@ async fn retention_loop(pool: PgPool, cfg: Arc<Config>, cancel: CancellationToke
             }
         }
         if total > 0 {
-            info!(events = total, "pruned done events past retention.done_after");
+            info!(
+                events = total,
+                "pruned done events past retention.done_after"
+            );
         }
     }
 }

@@ -38,15 +38,21 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon: workers, LISTEN, HTTP endpoints, housekeeping
-    #[command(after_help = "Stops on SIGTERM or Ctrl-C: no new claims, in-flight work finishes within worker.shutdown_timeout, leases are released, exit 0.")]
+    #[command(
+        after_help = "Stops on SIGTERM or Ctrl-C: no new claims, in-flight work finishes within worker.shutdown_timeout, leases are released, exit 0."
+    )]
     Run,
     /// Apply fusionsync's migrations and install the change triggers, then exit
     Migrate,
     /// Put failed events back to pending (nothing is ever deleted)
-    #[command(after_help = "Examples:\n  fusionsync replay --failed\n  fusionsync replay --id 42 --id 43\n  fusionsync replay --entity user:2b1c…  --dry-run\n  fusionsync replay --since 2h --error-contains duplicate\n\nExit codes: 0 replayed (or nothing matched), 1 an --id was not a failed event (nothing changed), 2 usage.")]
+    #[command(
+        after_help = "Examples:\n  fusionsync replay --failed\n  fusionsync replay --id 42 --id 43\n  fusionsync replay --entity user:2b1c…  --dry-run\n  fusionsync replay --since 2h --error-contains duplicate\n\nExit codes: 0 replayed (or nothing matched), 1 an --id was not a failed event (nothing changed), 2 usage."
+    )]
     Replay(ReplayArgs),
     /// Queue depth, oldest pending event, recent failures
-    #[command(after_help = "Exit codes: 0 healthy, 1 database error, 3 more failed events than --max-failed (default 0).")]
+    #[command(
+        after_help = "Exit codes: 0 healthy, 1 database error, 3 more failed events than --max-failed (default 0)."
+    )]
     Status(StatusArgs),
     /// Inspect events
     Events {
@@ -54,7 +60,9 @@ pub enum Command {
         command: EventsCommand,
     },
     /// Compare both sides completely and enqueue fixes for what differs
-    #[command(after_help = "Examples:\n  fusionsync reconcile --dry-run\n  fusionsync reconcile --users\n\nWith neither --users nor --orgs, both are compared. Exit codes: 0 done, 1 error, 3 drift found with --dry-run --exit-code.")]
+    #[command(
+        after_help = "Examples:\n  fusionsync reconcile --dry-run\n  fusionsync reconcile --users\n\nWith neither --users nor --orgs, both are compared. Exit codes: 0 done, 1 error, 3 drift found with --dry-run --exit-code."
+    )]
     Reconcile(ReconcileArgs),
     /// Delete done events older than a given age (failed events are never pruned)
     #[command(after_help = "Example:\n  fusionsync prune --older-than 7d --dry-run")]
@@ -146,7 +154,9 @@ pub fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
     }
     match crate::config::parse_duration(s) {
         Ok(d) => Ok(Utc::now() - chrono::Duration::from_std(d).map_err(|e| e.to_string())?),
-        Err(_) => Err(format!("'{s}' is neither an RFC 3339 time nor an age like 2h")),
+        Err(_) => Err(format!(
+            "'{s}' is neither an RFC 3339 time nor an age like 2h"
+        )),
     }
 }
 
@@ -155,11 +165,13 @@ impl ReplayArgs {
         let entity = match &self.entity {
             None => None,
             Some(e) => {
-                let (kind, key) = e
-                    .split_once(':')
-                    .ok_or_else(|| format!("--entity '{e}' must look like KIND:KEY, e.g. user:2b1c…"))?;
+                let (kind, key) = e.split_once(':').ok_or_else(|| {
+                    format!("--entity '{e}' must look like KIND:KEY, e.g. user:2b1c…")
+                })?;
                 if crate::db::event::EntityKind::parse(kind).is_none() {
-                    return Err(format!("--entity kind '{kind}' must be user, organization or membership"));
+                    return Err(format!(
+                        "--entity kind '{kind}' must be user, organization or membership"
+                    ));
                 }
                 Some((kind.to_string(), key.to_ascii_lowercase()))
             }
@@ -177,7 +189,8 @@ impl ReplayArgs {
 }
 
 async fn pool_for(cfg: &Config) -> anyhow::Result<sqlx::PgPool> {
-    let pool = crate::db::pool(&cfg.database).context("database.url is not a valid Postgres URL")?;
+    let pool =
+        crate::db::pool(&cfg.database).context("database.url is not a valid Postgres URL")?;
     if !crate::db::migrations_applied(&pool)
         .await
         .context("cannot reach the database (database.url / DATABASE_URL)")?
@@ -191,7 +204,10 @@ async fn pool_for(cfg: &Config) -> anyhow::Result<sqlx::PgPool> {
 pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     let config_path = cli.config.clone();
     let command = match (&cli.command, cli.replay_failed) {
-        (None, true) => Command::Replay(ReplayArgs { failed: true, ..Default::default() }),
+        (None, true) => Command::Replay(ReplayArgs {
+            failed: true,
+            ..Default::default()
+        }),
         (Some(Command::Replay(_)), true) | (None, false) => {
             use clap::CommandFactory;
             Cli::command().print_help()?;
@@ -219,17 +235,29 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Migrate => {
             let pool = crate::app::prepare_database(&Config {
-                database: crate::config::DatabaseSettings { migrate_on_start: true, ..cfg.database.clone() },
+                database: crate::config::DatabaseSettings {
+                    migrate_on_start: true,
+                    ..cfg.database.clone()
+                },
                 ..cfg.clone()
             })
             .await?;
             crate::app::prepare_tables(&pool, &cfg).await?;
-            println!("migrations applied; change triggers {}", if cfg.sources.postgres_triggers { "installed" } else { "removed (sources.postgres_triggers = false)" });
+            println!(
+                "migrations applied; change triggers {}",
+                if cfg.sources.postgres_triggers {
+                    "installed"
+                } else {
+                    "removed (sources.postgres_triggers = false)"
+                }
+            );
             Ok(0)
         }
         Command::Replay(args) => replay(&cfg, &args).await,
         Command::Status(args) => status(&cfg, &args).await,
-        Command::Events { command: EventsCommand::Show { id, json } } => {
+        Command::Events {
+            command: EventsCommand::Show { id, json },
+        } => {
             let pool = pool_for(&cfg).await?;
             match admin::event_detail(&pool, id).await? {
                 None => {
@@ -242,7 +270,10 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 }
                 Some(d) => {
                     let e = &d.event;
-                    println!("event {}  {} {}:{}  ({}, op {}, from {})", e.id, e.state, e.entity_kind, e.entity_key, e.direction, e.op, e.source);
+                    println!(
+                        "event {}  {} {}:{}  ({}, op {}, from {})",
+                        e.id, e.state, e.entity_kind, e.entity_key, e.direction, e.op, e.source
+                    );
                     println!("  attempts:     {}", e.attempts);
                     println!("  created:      {}", e.created_at);
                     println!("  updated:      {}", e.updated_at);
@@ -259,8 +290,17 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                     if !d.history.is_empty() {
                         println!("  history:");
                         for h in &d.history {
-                            println!("    {}  {} (was {}, {} attempts){}", h.at, h.action, h.state, h.attempts,
-                                h.last_error.as_ref().map(|e| format!(": {e}")).unwrap_or_default());
+                            println!(
+                                "    {}  {} (was {}, {} attempts){}",
+                                h.at,
+                                h.action,
+                                h.state,
+                                h.attempts,
+                                h.last_error
+                                    .as_ref()
+                                    .map(|e| format!(": {e}"))
+                                    .unwrap_or_default()
+                            );
                         }
                     }
                     Ok(0)
@@ -269,7 +309,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Reconcile(args) => reconcile(cfg, &args).await,
         Command::Prune(args) => {
-            let age = crate::config::parse_duration(&args.older_than).map_err(|e| anyhow::anyhow!("--older-than: {e}"))?;
+            let age = crate::config::parse_duration(&args.older_than)
+                .map_err(|e| anyhow::anyhow!("--older-than: {e}"))?;
             let pool = pool_for(&cfg).await?;
             if args.dry_run {
                 let n = crate::db::event::count_prunable(&pool, age).await?;
@@ -284,7 +325,10 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                     break;
                 }
             }
-            println!("pruned {total} done events older than {} (failed events are kept)", args.older_than);
+            println!(
+                "pruned {total} done events older than {} (failed events are kept)",
+                args.older_than
+            );
             Ok(0)
         }
     }
@@ -318,7 +362,15 @@ async fn replay(cfg: &Config, args: &ReplayArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
     let ids = admin::replay(&pool, &filter).await?;
-    println!("replayed {} failed event(s){}", ids.len(), if ids.is_empty() { String::new() } else { format!(": {}", short_list(&ids)) });
+    println!(
+        "replayed {} failed event(s){}",
+        ids.len(),
+        if ids.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", short_list(&ids))
+        }
+    );
     Ok(0)
 }
 
@@ -334,9 +386,18 @@ fn print_events(events: &[admin::EventSummary]) {
     if events.is_empty() {
         return;
     }
-    println!("{:>8}  {:<10}  {:<50}  {:>8}  {:<20}  error", "id", "source", "entity", "attempts", "updated");
+    println!(
+        "{:>8}  {:<10}  {:<50}  {:>8}  {:<20}  error",
+        "id", "source", "entity", "attempts", "updated"
+    );
     for e in events {
-        let err: String = e.last_error.as_deref().unwrap_or("").chars().take(160).collect();
+        let err: String = e
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .chars()
+            .take(160)
+            .collect();
         println!(
             "{:>8}  {:<10}  {:<50}  {:>8}  {:<20}  {}",
             e.id,
@@ -366,7 +427,10 @@ async fn status(cfg: &Config, args: &StatusArgs) -> anyhow::Result<i32> {
             println!("  {:<11} {:<13} {:>10}", c.state, c.entity_kind, c.count);
         }
         match s.oldest_pending_age_seconds {
-            Some(a) => println!("oldest pending: {}", humantime::format_duration(Duration::from_secs(a.max(0.0) as u64))),
+            Some(a) => println!(
+                "oldest pending: {}",
+                humantime::format_duration(Duration::from_secs(a.max(0.0) as u64))
+            ),
             None => println!("oldest pending: none"),
         }
         println!("done in the last hour: {}", s.done_last_hour);
@@ -375,7 +439,14 @@ async fn status(cfg: &Config, args: &StatusArgs) -> anyhow::Result<i32> {
             println!("recent failures (replay with: fusionsync replay --id ID, or fusionsync --replay-failed):");
             print_events(&s.recent_failures);
         }
-        println!("{}", if unhealthy { "status: FAILED EVENTS" } else { "status: healthy" });
+        println!(
+            "{}",
+            if unhealthy {
+                "status: FAILED EVENTS"
+            } else {
+                "status: healthy"
+            }
+        );
     }
     Ok(if unhealthy { EXIT_FAILED_EVENTS } else { 0 })
 }
@@ -385,13 +456,25 @@ async fn reconcile(cfg: Config, args: &ReconcileArgs) -> anyhow::Result<i32> {
     let pool = pool_for(&cfg).await?;
     let tables = crate::db::app::AppTables::resolve(&pool, &cfg)
         .await
-        .map_err(|e| anyhow::anyhow!("the configured app tables do not match the database:\n{e}"))?;
+        .map_err(|e| {
+            anyhow::anyhow!("the configured app tables do not match the database:\n{e}")
+        })?;
     let metrics = Arc::new(crate::metrics::Metrics::new());
-    let fa = crate::fusionauth::FusionAuthClient::new(&cfg.fusionauth, cfg.retry.in_attempt_max_elapsed, None)?;
+    let fa = crate::fusionauth::FusionAuthClient::new(
+        &cfg.fusionauth,
+        cfg.retry.in_attempt_max_elapsed,
+        None,
+    )?;
     let ctx = crate::worker::SyncContext::new(pool, fa, cfg.clone(), tables, metrics);
     let both = !args.users && !args.orgs;
-    let opts = crate::reconcile::ReconcileOptions { users: both || args.users, orgs: both || args.orgs, dry_run: args.dry_run };
-    let report = crate::reconcile::run(&ctx, opts).await.map_err(|e| anyhow::anyhow!("reconcile failed: {e}"))?;
+    let opts = crate::reconcile::ReconcileOptions {
+        users: both || args.users,
+        orgs: both || args.orgs,
+        dry_run: args.dry_run,
+    };
+    let report = crate::reconcile::run(&ctx, opts)
+        .await
+        .map_err(|e| anyhow::anyhow!("reconcile failed: {e}"))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -406,23 +489,54 @@ async fn reconcile(cfg: Config, args: &ReconcileArgs) -> anyhow::Result<i32> {
                 }
             }
         };
-        println!("checked {} users, {} organizations", report.users_checked, report.organizations_checked);
-        line("users missing in FusionAuth", &report.users_missing_in_fusionauth);
-        line("users missing in the database", &report.users_missing_in_database);
+        println!(
+            "checked {} users, {} organizations",
+            report.users_checked, report.organizations_checked
+        );
+        line(
+            "users missing in FusionAuth",
+            &report.users_missing_in_fusionauth,
+        );
+        line(
+            "users missing in the database",
+            &report.users_missing_in_database,
+        );
         line("users with differing fields", &report.users_differing);
-        line("users fusionsync cannot map (see their events)", &report.users_unmappable);
+        line(
+            "users fusionsync cannot map (see their events)",
+            &report.users_unmappable,
+        );
         line("groups missing in FusionAuth", &report.groups_missing);
         line("groups with differing name/data", &report.groups_differing);
-        line("groups whose organization is gone", &report.groups_without_organization);
-        line("organizations whose members differ", &report.organizations_with_member_drift);
+        line(
+            "groups whose organization is gone",
+            &report.groups_without_organization,
+        );
+        line(
+            "organizations whose members differ",
+            &report.organizations_with_member_drift,
+        );
         if report.members_missing + report.members_stray + report.members_differing > 0 {
-            println!("  members: {} missing, {} stray, {} with different data", report.members_missing, report.members_stray, report.members_differing);
+            println!(
+                "  members: {} missing, {} stray, {} with different data",
+                report.members_missing, report.members_stray, report.members_differing
+            );
         }
         if args.dry_run {
-            println!("dry run: {} difference(s) found, nothing enqueued", report.drift());
+            println!(
+                "dry run: {} difference(s) found, nothing enqueued",
+                report.drift()
+            );
         } else {
-            println!("enqueued {} fix(es); running daemons apply them", report.enqueued);
+            println!(
+                "enqueued {} fix(es); running daemons apply them",
+                report.enqueued
+            );
         }
     }
-    Ok(if args.dry_run && args.exit_code && report.drift() > 0 { EXIT_FAILED_EVENTS } else { 0 })
+    Ok(if args.dry_run && args.exit_code && report.drift() > 0 {
+        EXIT_FAILED_EVENTS
+    } else {
+        0
+    })
 }

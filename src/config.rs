@@ -407,8 +407,9 @@ impl Reader {
             Ok(v) => match v.kind {
                 config::ValueKind::Nil => None,
                 config::ValueKind::Array(_) | config::ValueKind::Table(_) => {
-                    self.problems
-                        .push(format!("{key}: expected a single value, found a list or table"));
+                    self.problems.push(format!(
+                        "{key}: expected a single value, found a list or table"
+                    ));
                     None
                 }
                 _ => v.into_string().ok(),
@@ -534,10 +535,7 @@ impl Reader {
                     Some((_, t)) => *t,
                     None => {
                         let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
-                        self.problem(
-                            key,
-                            format!("'{v}' is not one of: {}", names.join(", ")),
-                        );
+                        self.problem(key, format!("'{v}' is not one of: {}", names.join(", ")));
                         default
                     }
                 }
@@ -690,9 +688,7 @@ impl Config {
             .opt_string("database.url")
             .or_else(|| conventional("DATABASE_URL"));
         let db_url = match db_url {
-            Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
-                Secret(u)
-            }
+            Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => Secret(u),
             Some(_) => {
                 r.problem(
                     "database.url",
@@ -761,7 +757,10 @@ impl Config {
                 "fusionauth.new_user_password",
                 NewUserPassword::SendSetPasswordEmail,
                 &[
-                    ("send_set_password_email", NewUserPassword::SendSetPasswordEmail),
+                    (
+                        "send_set_password_email",
+                        NewUserPassword::SendSetPasswordEmail,
+                    ),
                     ("none", NewUserPassword::None),
                     ("random", NewUserPassword::Random),
                 ],
@@ -903,7 +902,10 @@ impl Config {
         }
         for key in &all_keys {
             if let Some(field) = key.strip_prefix("users.columns.") {
-                if !USER_FIELDS.iter().any(|(f, _)| f.eq_ignore_ascii_case(field)) {
+                if !USER_FIELDS
+                    .iter()
+                    .any(|(f, _)| f.eq_ignore_ascii_case(field))
+                {
                     let names: Vec<&str> = USER_FIELDS.iter().map(|(f, _)| *f).collect();
                     r.problems.push(format!(
                         "{key}: '{field}' is not a FusionAuth user field fusionsync maps (one of: {})",
@@ -957,7 +959,9 @@ impl Config {
             data_columns: {
                 let cols = r.columns("organizations.data_columns");
                 if r.raw("organizations.data_columns").is_none()
-                    && r.cfg.get::<config::Value>("organizations.data_columns").is_err()
+                    && r.cfg
+                        .get::<config::Value>("organizations.data_columns")
+                        .is_err()
                 {
                     vec!["slug".to_string(), "data".to_string()]
                 } else {
@@ -1079,7 +1083,10 @@ mod tests {
         assert_eq!(c.fusionauth.url, "http://localhost:9011");
         assert_eq!(c.worker.max_attempts, 12);
         assert_eq!(c.users.table.quoted(), "\"public\".\"users\"");
-        assert_eq!(c.users.columns.fields.get("firstName").unwrap(), "first_name");
+        assert_eq!(
+            c.users.columns.fields.get("firstName").unwrap(),
+            "first_name"
+        );
         assert_eq!(c.http.listen.port(), 8080);
     }
 

@@ -85,7 +85,12 @@ pub async fn run(ctx: &SyncContext, opts: ReconcileOptions) -> Result<ReconcileR
     Ok(report)
 }
 
-async fn enqueue(ctx: &SyncContext, opts: ReconcileOptions, report: &mut ReconcileReport, events: Vec<NewEvent>) -> Result<(), SyncError> {
+async fn enqueue(
+    ctx: &SyncContext,
+    opts: ReconcileOptions,
+    report: &mut ReconcileReport,
+    events: Vec<NewEvent>,
+) -> Result<(), SyncError> {
     if opts.dry_run || events.is_empty() {
         return Ok(());
     }
@@ -93,24 +98,38 @@ async fn enqueue(ctx: &SyncContext, opts: ReconcileOptions, report: &mut Reconci
     Ok(())
 }
 
-async fn users(ctx: &SyncContext, opts: ReconcileOptions, report: &mut ReconcileReport) -> Result<(), SyncError> {
+async fn users(
+    ctx: &SyncContext,
+    opts: ReconcileOptions,
+    report: &mut ReconcileReport,
+) -> Result<(), SyncError> {
     let fields = &ctx.tables.user_fields;
     let page = ctx.cfg.reconcile.page_size;
     // Database → FusionAuth: every row, a page at a time, against a search by ids.
     let mut after: Option<String> = None;
     loop {
-        let rows = ctx.tables.users_page(&ctx.pool, after.as_deref(), page).await?;
+        let rows = ctx
+            .tables
+            .users_page(&ctx.pool, after.as_deref(), page)
+            .await?;
         if rows.is_empty() {
             break;
         }
         after = rows.last().map(|(k, _)| k.clone());
-        let ids: Vec<Uuid> = rows.iter().filter_map(|(k, _)| Uuid::parse_str(k).ok()).collect();
+        let ids: Vec<Uuid> = rows
+            .iter()
+            .filter_map(|(k, _)| Uuid::parse_str(k).ok())
+            .collect();
         let found: HashMap<String, Value> = ctx
             .fa
             .users_by_ids(&ids)
             .await?
             .into_iter()
-            .filter_map(|u| u.get("id").and_then(Value::as_str).map(|id| (id.to_ascii_lowercase(), u.clone())))
+            .filter_map(|u| {
+                u.get("id")
+                    .and_then(Value::as_str)
+                    .map(|id| (id.to_ascii_lowercase(), u.clone()))
+            })
             .collect();
         let mut events = Vec::new();
         for (key, row) in &rows {
@@ -150,9 +169,18 @@ async fn users(ctx: &SyncContext, opts: ReconcileOptions, report: &mut Reconcile
             .items
             .iter()
             .filter(|u| u.get("active").and_then(Value::as_bool).unwrap_or(true))
-            .filter_map(|u| u.get("id").and_then(Value::as_str).map(str::to_ascii_lowercase))
+            .filter_map(|u| {
+                u.get("id")
+                    .and_then(Value::as_str)
+                    .map(str::to_ascii_lowercase)
+            })
             .collect();
-        let present: HashSet<String> = ctx.tables.users_by_ids(&ctx.pool, &keys).await?.into_keys().collect();
+        let present: HashSet<String> = ctx
+            .tables
+            .users_by_ids(&ctx.pool, &keys)
+            .await?
+            .into_keys()
+            .collect();
         let mut events = Vec::new();
         for key in keys.iter().filter(|k| !present.contains(*k)) {
             note(&mut report.users_missing_in_database, key);
@@ -168,20 +196,31 @@ async fn users(ctx: &SyncContext, opts: ReconcileOptions, report: &mut Reconcile
     Ok(())
 }
 
-async fn orgs(ctx: &SyncContext, opts: ReconcileOptions, report: &mut ReconcileReport) -> Result<(), SyncError> {
+async fn orgs(
+    ctx: &SyncContext,
+    opts: ReconcileOptions,
+    report: &mut ReconcileReport,
+) -> Result<(), SyncError> {
     let page = ctx.cfg.reconcile.page_size;
     let groups: HashMap<String, Value> = ctx
         .fa
         .list_groups()
         .await?
         .into_iter()
-        .filter_map(|g| g.get("id").and_then(Value::as_str).map(|id| (id.to_ascii_lowercase(), g.clone())))
+        .filter_map(|g| {
+            g.get("id")
+                .and_then(Value::as_str)
+                .map(|id| (id.to_ascii_lowercase(), g.clone()))
+        })
         .collect();
     let mut seen = HashSet::new();
     let m = &ctx.cfg.memberships;
     let mut after: Option<String> = None;
     loop {
-        let rows = ctx.tables.organizations_page(&ctx.pool, after.as_deref(), page).await?;
+        let rows = ctx
+            .tables
+            .organizations_page(&ctx.pool, after.as_deref(), page)
+            .await?;
         if rows.is_empty() {
             break;
         }
@@ -190,12 +229,20 @@ async fn orgs(ctx: &SyncContext, opts: ReconcileOptions, report: &mut ReconcileR
         for (key, row) in &rows {
             report.organizations_checked += 1;
             seen.insert(key.clone());
-            let Ok(gid) = Uuid::parse_str(key) else { continue };
-            let Ok(desired) = organizations::desired(ctx, &gid, row) else { continue };
+            let Ok(gid) = Uuid::parse_str(key) else {
+                continue;
+            };
+            let Ok(desired) = organizations::desired(ctx, &gid, row) else {
+                continue;
+            };
             match groups.get(key) {
                 None => {
                     note(&mut report.groups_missing, key);
-                    events.push(event(EntityKind::Organization, key, Direction::ToFusionAuth));
+                    events.push(event(
+                        EntityKind::Organization,
+                        key,
+                        Direction::ToFusionAuth,
+                    ));
                     if ctx.tables.members.is_some() {
                         events.push(event(EntityKind::Membership, key, Direction::ToFusionAuth));
                     }
@@ -203,13 +250,22 @@ async fn orgs(ctx: &SyncContext, opts: ReconcileOptions, report: &mut ReconcileR
                 }
                 Some(g) if !desired.matches(g) => {
                     note(&mut report.groups_differing, key);
-                    events.push(event(EntityKind::Organization, key, Direction::ToFusionAuth));
+                    events.push(event(
+                        EntityKind::Organization,
+                        key,
+                        Direction::ToFusionAuth,
+                    ));
                 }
                 Some(_) => {}
             }
             if ctx.tables.members.is_some() {
                 let member_rows = ctx.tables.members_of(&ctx.pool, key).await?;
-                let want = desired_members(&member_rows, &m.user_column, m.role_column.as_deref(), &m.data_columns);
+                let want = desired_members(
+                    &member_rows,
+                    &m.user_column,
+                    m.role_column.as_deref(),
+                    &m.data_columns,
+                );
                 let have = actual_members(&ctx.fa.group_members(&gid, page).await?);
                 let d = diff(&want, &have);
                 if !d.is_empty() {
@@ -229,7 +285,10 @@ async fn orgs(ctx: &SyncContext, opts: ReconcileOptions, report: &mut ReconcileR
     // Groups fusionsync made (they carry data.organizationId) whose organization is gone.
     let mut events = Vec::new();
     for (id, g) in &groups {
-        let managed = g.get("data").and_then(|d| d.get("organizationId")).is_some();
+        let managed = g
+            .get("data")
+            .and_then(|d| d.get("organizationId"))
+            .is_some();
         if managed && !seen.contains(id) {
             note(&mut report.groups_without_organization, id);
             events.push(event(EntityKind::Organization, id, Direction::ToFusionAuth));
@@ -240,7 +299,11 @@ async fn orgs(ctx: &SyncContext, opts: ReconcileOptions, report: &mut ReconcileR
 }
 
 /// The daemon's periodic reconcile: only one instance runs it at a time (advisory lock).
-pub async fn periodic(ctx: std::sync::Arc<SyncContext>, every: Duration, cancel: CancellationToken) {
+pub async fn periodic(
+    ctx: std::sync::Arc<SyncContext>,
+    every: Duration,
+    cancel: CancellationToken,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -256,9 +319,11 @@ pub async fn periodic(ctx: std::sync::Arc<SyncContext>, every: Duration, cancel:
                 continue;
             }
         };
-        let locked: bool = match sqlx::query_scalar("select pg_try_advisory_lock(hashtext('fusionsync.reconcile'))")
-            .fetch_one(&mut *conn)
-            .await
+        let locked: bool = match sqlx::query_scalar(
+            "select pg_try_advisory_lock(hashtext('fusionsync.reconcile'))",
+        )
+        .fetch_one(&mut *conn)
+        .await
         {
             Ok(l) => l,
             Err(e) => {
@@ -270,9 +335,17 @@ pub async fn periodic(ctx: std::sync::Arc<SyncContext>, every: Duration, cancel:
             info!("periodic reconcile skipped: another instance is running it");
             continue;
         }
-        let opts = ReconcileOptions { users: true, orgs: true, dry_run: false };
+        let opts = ReconcileOptions {
+            users: true,
+            orgs: true,
+            dry_run: false,
+        };
         match run(&ctx, opts).await {
-            Ok(r) => info!(drift = r.drift(), enqueued = r.enqueued, "periodic reconcile finished"),
+            Ok(r) => info!(
+                drift = r.drift(),
+                enqueued = r.enqueued,
+                "periodic reconcile finished"
+            ),
             Err(e) => warn!(error = %e, "periodic reconcile failed"),
         }
         let _ = sqlx::query("select pg_advisory_unlock(hashtext('fusionsync.reconcile'))")

@@ -59,7 +59,10 @@ const FILTER: &str = "state = 'failed'
     and ($7::text is null or position(lower($7) in lower(coalesce(last_error, ''))) > 0)";
 
 /// The failed events a replay with this filter would take (dry run).
-pub async fn failed_matching(pool: &PgPool, f: &ReplayFilter) -> Result<Vec<EventSummary>, sqlx::Error> {
+pub async fn failed_matching(
+    pool: &PgPool,
+    f: &ReplayFilter,
+) -> Result<Vec<EventSummary>, sqlx::Error> {
     let sql = format!(
         "select {SUMMARY_COLUMNS} from fusionsync.event where {FILTER} order by id limit $8"
     );
@@ -117,7 +120,10 @@ async fn replay_ids(pool: &PgPool, f: &ReplayFilter, sql: &str) -> Result<Vec<i6
 }
 
 /// State of each of the given ids (None when there is no such event).
-pub async fn states_of(pool: &PgPool, ids: &[i64]) -> Result<Vec<(i64, Option<String>)>, sqlx::Error> {
+pub async fn states_of(
+    pool: &PgPool,
+    ids: &[i64],
+) -> Result<Vec<(i64, Option<String>)>, sqlx::Error> {
     let rows: Vec<(i64, Option<String>)> = sqlx::query_as(
         "select i, e.state from unnest($1::bigint[]) as i
            left join fusionsync.event e on e.id = i order by i",

@@ -137,7 +137,10 @@ impl AppTables {
             let ocols = column_types(pool, &o.table).await?;
             let mut wanted = vec![
                 ("organizations.id_column".to_string(), o.id_column.clone()),
-                ("organizations.name_column".to_string(), o.name_column.clone()),
+                (
+                    "organizations.name_column".to_string(),
+                    o.name_column.clone(),
+                ),
             ];
             for c in &o.data_columns {
                 wanted.push(("organizations.data_columns".into(), c.clone()));
@@ -164,7 +167,10 @@ impl AppTables {
             let m = &cfg.memberships;
             let mcols = column_types(pool, &m.table).await?;
             let mut wanted = vec![
-                ("memberships.organization_column".to_string(), m.organization_column.clone()),
+                (
+                    "memberships.organization_column".to_string(),
+                    m.organization_column.clone(),
+                ),
                 ("memberships.user_column".to_string(), m.user_column.clone()),
             ];
             if let Some(r) = &m.role_column {
@@ -324,7 +330,11 @@ impl AppTables {
 
     // ---- organizations -------------------------------------------------------------------
 
-    pub async fn organization(&self, pool: &PgPool, key: &str) -> Result<Option<Value>, sqlx::Error> {
+    pub async fn organization(
+        &self,
+        pool: &PgPool,
+        key: &str,
+    ) -> Result<Option<Value>, sqlx::Error> {
         match &self.organizations {
             Some(t) => Ok(rows_by_ids(pool, t, &[key.to_string()]).await?.remove(key)),
             None => Ok(None),
@@ -367,7 +377,11 @@ impl AppTables {
     // ---- memberships ---------------------------------------------------------------------
 
     /// The membership rows of one organization.
-    pub async fn members_of(&self, pool: &PgPool, org_key: &str) -> Result<Vec<Value>, sqlx::Error> {
+    pub async fn members_of(
+        &self,
+        pool: &PgPool,
+        org_key: &str,
+    ) -> Result<Vec<Value>, sqlx::Error> {
         let Some(m) = &self.members else {
             return Ok(Vec::new());
         };

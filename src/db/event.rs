@@ -326,7 +326,11 @@ pub enum Outcome {
     /// In agreement; the new fingerprint (None keeps the stored one).
     Done { fingerprint: Option<String> },
     /// Try again at the given delay.
-    Retry { error: String, delay: Duration, count_attempt: bool },
+    Retry {
+        error: String,
+        delay: Duration,
+        count_attempt: bool,
+    },
     /// Dead: kept as failed with the error.
     Failed { error: String },
 }
@@ -455,7 +459,10 @@ async fn release_in(
     if entities.is_empty() {
         return Ok(());
     }
-    let kinds: Vec<String> = entities.iter().map(|e| e.kind.as_str().to_string()).collect();
+    let kinds: Vec<String> = entities
+        .iter()
+        .map(|e| e.kind.as_str().to_string())
+        .collect();
     let keys: Vec<String> = entities.iter().map(|e| e.key.clone()).collect();
     sqlx::query(
         "update fusionsync.entity en set locked_by = null, locked_until = '-infinity'
@@ -532,7 +539,11 @@ pub async fn any_due(pool: &PgPool) -> Result<bool, sqlx::Error> {
 }
 
 /// Deletes done events processed before `older_than` ago, at most `batch` of them.
-pub async fn prune_done(pool: &PgPool, older_than: Duration, batch: i64) -> Result<u64, sqlx::Error> {
+pub async fn prune_done(
+    pool: &PgPool,
+    older_than: Duration,
+    batch: i64,
+) -> Result<u64, sqlx::Error> {
     let n = sqlx::query(
         "delete from fusionsync.event where id in (
             select id from fusionsync.event

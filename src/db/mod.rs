@@ -55,9 +55,7 @@ pub async fn migrations_applied(pool: &PgPool) -> Result<bool, sqlx::Error> {
         sqlx::query_scalar("select version from public._sqlx_migrations where success")
             .fetch_all(pool)
             .await?;
-    Ok(MIGRATOR
-        .iter()
-        .all(|m| applied.contains(&m.version)))
+    Ok(MIGRATOR.iter().all(|m| applied.contains(&m.version)))
 }
 
 /// Whether an error means "the database is not reachable right now" (as opposed to a bad query).

@@ -26,11 +26,7 @@ pub struct Errors {
 impl Errors {
     pub fn has_code(&self, code: &str) -> bool {
         self.general_errors.iter().any(|e| e.code == code)
-            || self
-                .field_errors
-                .values()
-                .flatten()
-                .any(|e| e.code == code)
+            || self.field_errors.values().flatten().any(|e| e.code == code)
     }
     pub fn has_field(&self, field: &str) -> bool {
         self.field_errors.contains_key(field)
@@ -65,7 +61,7 @@ pub enum FusionAuthError {
         method: String,
         path: String,
         status: u16,
-        errors: Errors,
+        errors: Box<Errors>,
         body: String,
         retry_after: Option<Duration>,
     },
@@ -147,7 +143,9 @@ mod tests {
         let e: Errors = serde_json::from_str(body).unwrap();
         assert!(e.has_code("[duplicate]user.username"));
         assert!(e.has_field("user.username"));
-        assert!(e.summary().contains("A User with username = [neo] already exists."));
+        assert!(e
+            .summary()
+            .contains("A User with username = [neo] already exists."));
     }
 
     #[test]
@@ -156,7 +154,7 @@ mod tests {
             method: "GET".into(),
             path: "/api/user".into(),
             status,
-            errors: Errors::default(),
+            errors: Box::default(),
             body: String::new(),
             retry_after: None,
         };

@@ -147,7 +147,7 @@ impl FusionAuthClient {
             return Ok((status, bytes));
         }
         let text = String::from_utf8_lossy(&bytes).to_string();
-        let errors = serde_json::from_slice::<Errors>(&bytes).unwrap_or_default();
+        let errors = Box::new(serde_json::from_slice::<Errors>(&bytes).unwrap_or_default());
         Err(FusionAuthError::Status {
             method: method.to_string(),
             path: path.to_string(),
@@ -177,7 +177,9 @@ impl FusionAuthClient {
             match self.send_once(&method, path, endpoint, query, body).await {
                 Ok(r) => Ok(r),
                 Err(e) if e.is_retryable() => match e.retry_after() {
-                    Some(ra) if ra > MAX_IN_ATTEMPT_RETRY_AFTER => Err(backoff::Error::permanent(e)),
+                    Some(ra) if ra > MAX_IN_ATTEMPT_RETRY_AFTER => {
+                        Err(backoff::Error::permanent(e))
+                    }
                     Some(ra) => Err(backoff::Error::retry_after(e, ra)),
                     None => Err(backoff::Error::transient(e)),
                 },
@@ -187,11 +189,7 @@ impl FusionAuthClient {
         .await
     }
 
-    fn decode(
-        method: &str,
-        path: &str,
-        body: &bytes::Bytes,
-    ) -> Result<Value, FusionAuthError> {
+    fn decode(method: &str, path: &str, body: &bytes::Bytes) -> Result<Value, FusionAuthError> {
         if body.is_empty() {
             return Ok(Value::Null);
         }
@@ -207,7 +205,7 @@ impl FusionAuthClient {
             method: method.to_string(),
             path: path.to_string(),
             status: 404,
-            errors: Errors::default(),
+            errors: Box::default(),
             body: String::new(),
             retry_after: None,
         }
@@ -471,7 +469,8 @@ impl FusionAuthClient {
             .map(|m| json!({ "userId": m.user_id, "data": m.data }))
             .collect();
         let body = json!({ "members": { group_id.to_string(): list } });
-        self.send(Method::POST, path, path, &[], Some(&body)).await?;
+        self.send(Method::POST, path, path, &[], Some(&body))
+            .await?;
         Ok(())
     }
 

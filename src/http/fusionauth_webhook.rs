@@ -28,7 +28,10 @@ fn uuid_at(v: &Value, obj: &str, path: &str) -> Result<String, ApiError> {
         .and_then(|o| o.get("id"))
         .ok_or_else(|| ApiError::bad_request(path, format!("missing field {path}")))?;
     let s = raw.as_str().ok_or_else(|| {
-        ApiError::bad_request(path, format!("{path} must be a string, found {}", type_name(raw)))
+        ApiError::bad_request(
+            path,
+            format!("{path} must be a string, found {}", type_name(raw)),
+        )
     })?;
     uuid::Uuid::parse_str(s)
         .map(|u| u.to_string())
@@ -36,9 +39,16 @@ fn uuid_at(v: &Value, obj: &str, path: &str) -> Result<String, ApiError> {
 }
 
 /// Interprets a webhook body (wrapped as `{"event": …}`, or bare as in some docs examples).
-pub fn interpret(body: &Value, mode: MembershipMode, tenant: Option<uuid::Uuid>) -> Result<WebhookAction, ApiError> {
+pub fn interpret(
+    body: &Value,
+    mode: MembershipMode,
+    tenant: Option<uuid::Uuid>,
+) -> Result<WebhookAction, ApiError> {
     if !body.is_object() {
-        return Err(ApiError::bad_request("", "the body must be a JSON object (a FusionAuth event)"));
+        return Err(ApiError::bad_request(
+            "",
+            "the body must be a JSON object (a FusionAuth event)",
+        ));
     }
     let (ev, prefix) = match body.get("event") {
         Some(e) if e.is_object() => (e, "event."),
@@ -58,7 +68,12 @@ pub fn interpret(body: &Value, mode: MembershipMode, tenant: Option<uuid::Uuid>)
                 format!("{prefix}type must be a string, found {}", type_name(other)),
             ))
         }
-        None => return Err(ApiError::bad_request(format!("{prefix}type"), format!("missing field {prefix}type"))),
+        None => {
+            return Err(ApiError::bad_request(
+                format!("{prefix}type"),
+                format!("missing field {prefix}type"),
+            ))
+        }
     };
     let id = match ev.get("id") {
         Some(Value::String(s)) if !s.is_empty() && s.len() <= 200 => s.clone(),
@@ -68,20 +83,34 @@ pub fn interpret(body: &Value, mode: MembershipMode, tenant: Option<uuid::Uuid>)
                 format!("{prefix}id must be a non-empty string"),
             ))
         }
-        None => return Err(ApiError::bad_request(format!("{prefix}id"), format!("missing field {prefix}id"))),
+        None => {
+            return Err(ApiError::bad_request(
+                format!("{prefix}id"),
+                format!("missing field {prefix}id"),
+            ))
+        }
     };
     if let (Some(t), Some(Value::String(ev_tenant))) = (tenant, ev.get("tenantId")) {
         if uuid::Uuid::parse_str(ev_tenant).ok() != Some(t) {
-            return Ok(WebhookAction::Ignore(format!("event of tenant {ev_tenant}, not fusionauth.tenant_id")));
+            return Ok(WebhookAction::Ignore(format!(
+                "event of tenant {ev_tenant}, not fusionauth.tenant_id"
+            )));
         }
     }
     let base = ty.strip_suffix(".complete").unwrap_or(&ty);
     let dedup = Some(format!("fusionauth:{ty}:{id}"));
     let user_event = matches!(
         base,
-        "user.create" | "user.update" | "user.delete" | "user.deactivate" | "user.reactivate"
-            | "user.registration.create" | "user.registration.update" | "user.registration.delete"
-            | "user.email.verified" | "user.email.update"
+        "user.create"
+            | "user.update"
+            | "user.delete"
+            | "user.deactivate"
+            | "user.reactivate"
+            | "user.registration.create"
+            | "user.registration.update"
+            | "user.registration.delete"
+            | "user.email.verified"
+            | "user.email.update"
     );
     if user_event {
         let key = uuid_at(ev, "user", &format!("{prefix}user.id"))?;
@@ -95,7 +124,10 @@ pub fn interpret(body: &Value, mode: MembershipMode, tenant: Option<uuid::Uuid>)
             dedup_key: dedup,
         }));
     }
-    if matches!(base, "group.member.add" | "group.member.remove" | "group.member.update") {
+    if matches!(
+        base,
+        "group.member.add" | "group.member.remove" | "group.member.update"
+    ) {
         let key = uuid_at(ev, "group", &format!("{prefix}group.id"))?;
         let (direction, payload) = match mode {
             // The table is the truth: look at the group again and undo what differs.
@@ -103,7 +135,10 @@ pub fn interpret(body: &Value, mode: MembershipMode, tenant: Option<uuid::Uuid>)
                 Direction::ToFusionAuth,
                 json!({ "fusionauth_event_id": id, "type": ty, "force": true }),
             ),
-            MembershipMode::TwoWay => (Direction::ToDatabase, json!({ "fusionauth_event_id": id, "type": ty })),
+            MembershipMode::TwoWay => (
+                Direction::ToDatabase,
+                json!({ "fusionauth_event_id": id, "type": ty }),
+            ),
         };
         return Ok(WebhookAction::Record(NewEvent {
             source: "fusionauth".into(),
@@ -115,7 +150,9 @@ pub fn interpret(body: &Value, mode: MembershipMode, tenant: Option<uuid::Uuid>)
             dedup_key: dedup,
         }));
     }
-    Ok(WebhookAction::Ignore(format!("fusionsync does not act on {ty} events")))
+    Ok(WebhookAction::Ignore(format!(
+        "fusionsync does not act on {ty} events"
+    )))
 }
 
 /// Checks the header-borne credentials (all configured methods must pass); runs before the
@@ -133,9 +170,14 @@ fn check_credentials(state: &AppState, headers: &HeaderMap) -> Result<(), ApiErr
         ));
     }
     if let (Some(name), Some(value)) = (&w.header_name, &w.header_value) {
-        let presented = headers.get(name.as_str()).map(|v| v.as_bytes()).unwrap_or_default();
+        let presented = headers
+            .get(name.as_str())
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
         if !secret_matches(presented, value.expose().as_bytes()) {
-            return Err(ApiError::unauthorized(format!("missing or wrong {name} header")));
+            return Err(ApiError::unauthorized(format!(
+                "missing or wrong {name} header"
+            )));
         }
     }
     if let (Some(user), Some(pass)) = (&w.basic_username, &w.basic_password) {
@@ -144,30 +186,48 @@ fn check_credentials(state: &AppState, headers: &HeaderMap) -> Result<(), ApiErr
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Basic "))
-            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b.trim()).ok())
+            .and_then(|b| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(b.trim())
+                    .ok()
+            })
             .unwrap_or_default();
         if !secret_matches(&presented, expected.as_bytes()) {
-            return Err(ApiError::unauthorized("missing or wrong HTTP Basic credentials"));
+            return Err(ApiError::unauthorized(
+                "missing or wrong HTTP Basic credentials",
+            ));
         }
     }
     if w.signature_configured() && !headers.contains_key("X-FusionAuth-Signature-JWT") {
-        return Err(ApiError::unauthorized(signature::SignatureError::Missing.to_string()));
+        return Err(ApiError::unauthorized(
+            signature::SignatureError::Missing.to_string(),
+        ));
     }
     Ok(())
 }
 
 /// Verifies the signature over the raw body, when signing is configured.
-async fn check_signature(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
+async fn check_signature(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(), ApiError> {
     let w = &state.cfg.webhook;
     if !w.signature_configured() {
         return Ok(());
     }
-    let token = headers.get("X-FusionAuth-Signature-JWT").and_then(|v| v.to_str().ok());
+    let token = headers
+        .get("X-FusionAuth-Signature-JWT")
+        .and_then(|v| v.to_str().ok());
     match signature::verify(token, body, w.hmac_secret.as_ref(), &state.jwks).await {
         Ok(()) => Ok(()),
         Err(e @ signature::SignatureError::JwksUnavailable(_)) => {
             warn!(error = %e, "cannot check a webhook signature");
-            let mut err = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "jwks_unavailable", e.to_string());
+            let mut err = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "jwks_unavailable",
+                e.to_string(),
+            );
             err.retry_after = Some(std::time::Duration::from_secs(5));
             Err(err)
         }
@@ -192,7 +252,11 @@ pub async fn receive(
     check_signature(&state, &headers, &bytes).await?;
     require_json(&headers)?;
     let value = parse_json(&bytes)?;
-    match interpret(&value, state.cfg.memberships.mode, state.cfg.fusionauth.tenant_id)? {
+    match interpret(
+        &value,
+        state.cfg.memberships.mode,
+        state.cfg.fusionauth.tenant_id,
+    )? {
         WebhookAction::Ignore(reason) => {
             debug!(%reason, "ignored FusionAuth event");
             Ok(Json(json!({ "status": "ignored", "reason": reason })))
@@ -217,16 +281,24 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> Value {
-        let path = format!("{}/tests/fixtures/fusionauth/events/{name}", env!("CARGO_MANIFEST_DIR"));
+        let path = format!(
+            "{}/tests/fixtures/fusionauth/events/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
 
     #[test]
     fn every_documented_event_is_understood() {
         let user_events = [
-            "user-create.json", "user-create-complete.json", "user-update.json",
-            "user-update-complete.json", "user-delete.json", "user-delete-complete.json",
-            "user-deactivate.json", "user-registration-create.json",
+            "user-create.json",
+            "user-create-complete.json",
+            "user-update.json",
+            "user-update-complete.json",
+            "user-delete.json",
+            "user-delete-complete.json",
+            "user-deactivate.json",
+            "user-registration-create.json",
         ];
         for name in user_events {
             match interpret(&fixture(name), MembershipMode::Database, None).unwrap() {
@@ -238,7 +310,11 @@ mod tests {
                 other => panic!("{name}: {other:?}"),
             }
         }
-        for name in ["group-member-add.json", "group-member-add-complete.json", "group-member-remove.json"] {
+        for name in [
+            "group-member-add.json",
+            "group-member-add-complete.json",
+            "group-member-remove.json",
+        ] {
             match interpret(&fixture(name), MembershipMode::Database, None).unwrap() {
                 WebhookAction::Record(e) => {
                     assert_eq!(e.kind, EntityKind::Membership);
@@ -253,10 +329,18 @@ mod tests {
     #[test]
     fn other_events_and_other_tenants_are_ignored() {
         let v = json!({"event": {"type": "jwt.refresh", "id": "x"}});
-        assert!(matches!(interpret(&v, MembershipMode::Database, None).unwrap(), WebhookAction::Ignore(_)));
+        assert!(matches!(
+            interpret(&v, MembershipMode::Database, None).unwrap(),
+            WebhookAction::Ignore(_)
+        ));
         let tenant = uuid::Uuid::new_v4();
         assert!(matches!(
-            interpret(&fixture("user-create.json"), MembershipMode::Database, Some(tenant)).unwrap(),
+            interpret(
+                &fixture("user-create.json"),
+                MembershipMode::Database,
+                Some(tenant)
+            )
+            .unwrap(),
             WebhookAction::Ignore(_)
         ));
     }
@@ -265,9 +349,21 @@ mod tests {
     fn bad_user_ids_are_refused_with_their_path() {
         let mut v = fixture("user-create.json");
         v["event"]["user"]["id"] = json!("42; drop table users");
-        assert_eq!(interpret(&v, MembershipMode::Database, None).unwrap_err().path.as_deref(), Some("event.user.id"));
+        assert_eq!(
+            interpret(&v, MembershipMode::Database, None)
+                .unwrap_err()
+                .path
+                .as_deref(),
+            Some("event.user.id")
+        );
         let mut v = fixture("user-create.json");
         v["event"]["type"] = json!(5);
-        assert_eq!(interpret(&v, MembershipMode::Database, None).unwrap_err().path.as_deref(), Some("event.type"));
+        assert_eq!(
+            interpret(&v, MembershipMode::Database, None)
+                .unwrap_err()
+                .path
+                .as_deref(),
+            Some("event.type")
+        );
     }
 }

@@ -41,7 +41,11 @@ fn str_at<'a>(v: &'a Value, path: &[&str]) -> Result<&'a str, ApiError> {
     cur.as_str().ok_or_else(|| {
         ApiError::bad_request(
             path.join("."),
-            format!("{} must be a string, found {}", path.join("."), type_name(cur)),
+            format!(
+                "{} must be a string, found {}",
+                path.join("."),
+                type_name(cur)
+            ),
         )
     })
 }
@@ -61,7 +65,10 @@ pub(crate) fn type_name(v: &Value) -> &'static str {
 /// wrapper, a `created_at` with or without offset, null session variables and trace context.
 pub fn parse_event(body: &Value) -> Result<HasuraEvent, ApiError> {
     if !body.is_object() {
-        return Err(ApiError::bad_request("", "the body must be a JSON object (a Hasura event)"));
+        return Err(ApiError::bad_request(
+            "",
+            "the body must be a JSON object (a Hasura event)",
+        ));
     }
     let body = match body.get("payload") {
         Some(p) if body.get("event").is_none() && p.is_object() => p,
@@ -69,7 +76,10 @@ pub fn parse_event(body: &Value) -> Result<HasuraEvent, ApiError> {
     };
     let id = str_at(body, &["id"])?.to_string();
     if id.is_empty() || id.len() > 200 {
-        return Err(ApiError::bad_request("id", "id must be a non-empty string of at most 200 characters"));
+        return Err(ApiError::bad_request(
+            "id",
+            "id must be a non-empty string of at most 200 characters",
+        ));
     }
     let schema = str_at(body, &["table", "schema"])?.to_string();
     let table = str_at(body, &["table", "name"])?.to_string();
@@ -96,7 +106,10 @@ pub fn parse_event(body: &Value) -> Result<HasuraEvent, ApiError> {
             Some(v @ Value::Object(_)) => Ok(Some(v.clone())),
             Some(other) => Err(ApiError::bad_request(
                 format!("event.data.{name}"),
-                format!("event.data.{name} must be an object or null, found {}", type_name(other)),
+                format!(
+                    "event.data.{name} must be an object or null, found {}",
+                    type_name(other)
+                ),
             )),
         }
     };
@@ -116,7 +129,10 @@ pub fn parse_event(body: &Value) -> Result<HasuraEvent, ApiError> {
     }
     if let Some(c) = body.get("created_at") {
         if !c.is_string() && !c.is_null() {
-            return Err(ApiError::bad_request("created_at", "created_at must be a string"));
+            return Err(ApiError::bad_request(
+                "created_at",
+                "created_at must be a string",
+            ));
         }
     }
     let trigger = body
@@ -145,7 +161,10 @@ fn key_of(row: &Value, column: &str, ty: &str, path: &str) -> Result<Option<Stri
         Some(other) => {
             return Err(ApiError::bad_request(
                 &path,
-                format!("{path} must be a string or number, found {}", type_name(other)),
+                format!(
+                    "{path} must be a string or number, found {}",
+                    type_name(other)
+                ),
             ))
         }
     };
@@ -162,7 +181,10 @@ fn key_of(row: &Value, column: &str, ty: &str, path: &str) -> Result<Option<Stri
         }
     }
     if s.is_empty() || s.len() > 200 {
-        return Err(ApiError::bad_request(&path, format!("{path} must be 1 to 200 characters")));
+        return Err(ApiError::bad_request(
+            &path,
+            format!("{path} must be 1 to 200 characters"),
+        ));
     }
     Ok(Some(s))
 }
@@ -172,11 +194,23 @@ pub fn to_events(state: &AppState, ev: &HasuraEvent) -> Result<Vec<NewEvent>, Ap
     let t = &state.tables;
     let same = |name: &crate::config::TableName| name.schema == ev.schema && name.name == ev.table;
     let (kind, column, ty) = if same(&t.users.name) {
-        (EntityKind::User, t.users.id_column.clone(), t.users.id_type.clone())
+        (
+            EntityKind::User,
+            t.users.id_column.clone(),
+            t.users.id_type.clone(),
+        )
     } else if let Some(o) = t.organizations.as_ref().filter(|o| same(&o.name)) {
-        (EntityKind::Organization, o.id_column.clone(), o.id_type.clone())
+        (
+            EntityKind::Organization,
+            o.id_column.clone(),
+            o.id_type.clone(),
+        )
     } else if let Some(m) = t.members.as_ref().filter(|m| same(&m.table.name)) {
-        (EntityKind::Membership, m.org_column.clone(), m.org_type.clone())
+        (
+            EntityKind::Membership,
+            m.org_column.clone(),
+            m.org_type.clone(),
+        )
     } else {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -208,7 +242,10 @@ pub fn to_events(state: &AppState, ev: &HasuraEvent) -> Result<Vec<NewEvent>, Ap
         let which = if ev.op == "DELETE" { "old" } else { "new" };
         return Err(ApiError::bad_request(
             format!("event.data.{which}.{column}"),
-            format!("the row has no {column}, which identifies the {}", kind.as_str()),
+            format!(
+                "the row has no {column}, which identifies the {}",
+                kind.as_str()
+            ),
         ));
     }
     Ok(keys
@@ -281,13 +318,20 @@ mod tests {
 
     /// The documented Hasura bodies (copied verbatim from Hasura's docs into tests/fixtures).
     fn fixture(name: &str) -> Value {
-        let path = format!("{}/tests/fixtures/hasura/{name}", env!("CARGO_MANIFEST_DIR"));
+        let path = format!(
+            "{}/tests/fixtures/hasura/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
 
     #[test]
     fn documented_bodies_parse() {
-        for name in ["insert_docs_v1.json", "insert_docs_v2.json", "invocation_log_wrapped.json"] {
+        for name in [
+            "insert_docs_v1.json",
+            "insert_docs_v2.json",
+            "invocation_log_wrapped.json",
+        ] {
             let ev = parse_event(&fixture(name)).unwrap_or_else(|e| panic!("{name}: {e:?}"));
             assert_eq!(ev.op, "INSERT");
             assert_eq!(ev.table, "users");
@@ -299,10 +343,16 @@ mod tests {
     fn missing_and_mistyped_fields_name_their_path() {
         let mut v = fixture("insert_docs_v2.json");
         v["event"]["op"] = json!("TRUNCATE");
-        assert_eq!(parse_event(&v).unwrap_err().path.as_deref(), Some("event.op"));
+        assert_eq!(
+            parse_event(&v).unwrap_err().path.as_deref(),
+            Some("event.op")
+        );
         let mut v = fixture("insert_docs_v2.json");
         v["table"]["name"] = json!(5);
-        assert_eq!(parse_event(&v).unwrap_err().path.as_deref(), Some("table.name"));
+        assert_eq!(
+            parse_event(&v).unwrap_err().path.as_deref(),
+            Some("table.name")
+        );
         let mut v = fixture("insert_docs_v2.json");
         v.as_object_mut().unwrap().remove("id");
         assert_eq!(parse_event(&v).unwrap_err().path.as_deref(), Some("id"));
@@ -316,7 +366,8 @@ mod tests {
         let mut v = fixture("insert_docs_v2.json");
         v["created_at"] = json!("2025-09-13T12:21:08.552674");
         v["event"]["session_variables"] = Value::Null;
-        v["event"]["trace_context"] = json!({"trace_id": "0af7651916cd43dd8448eb211c80319c", "span_id": "b7ad6b7169203331"});
+        v["event"]["trace_context"] =
+            json!({"trace_id": "0af7651916cd43dd8448eb211c80319c", "span_id": "b7ad6b7169203331"});
         assert!(parse_event(&v).is_ok());
     }
 
@@ -324,8 +375,18 @@ mod tests {
     fn keys_must_be_uuids_for_uuid_columns() {
         let row = json!({"id": "42"});
         assert!(key_of(&row, "id", "uuid", "event.data.new").is_err());
-        assert_eq!(key_of(&row, "id", "text", "event.data.new").unwrap().as_deref(), Some("42"));
+        assert_eq!(
+            key_of(&row, "id", "text", "event.data.new")
+                .unwrap()
+                .as_deref(),
+            Some("42")
+        );
         let row = json!({"id": 7});
-        assert_eq!(key_of(&row, "id", "integer", "event.data.new").unwrap().as_deref(), Some("7"));
+        assert_eq!(
+            key_of(&row, "id", "integer", "event.data.new")
+                .unwrap()
+                .as_deref(),
+            Some("7")
+        );
     }
 }

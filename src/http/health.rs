@@ -18,10 +18,16 @@ pub async fn healthz() -> Json<serde_json::Value> {
 
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let mut reasons = Vec::new();
-    let db = tokio::time::timeout(Duration::from_secs(2), crate::db::migrations_applied(&state.pool)).await;
+    let db = tokio::time::timeout(
+        Duration::from_secs(2),
+        crate::db::migrations_applied(&state.pool),
+    )
+    .await;
     match db {
         Ok(Ok(true)) => {}
-        Ok(Ok(false)) => reasons.push("migrations are not applied (run fusionsync migrate)".to_string()),
+        Ok(Ok(false)) => {
+            reasons.push("migrations are not applied (run fusionsync migrate)".to_string())
+        }
         Ok(Err(e)) => reasons.push(format!("database unreachable: {e}")),
         Err(_) => reasons.push("database did not answer within 2s".to_string()),
     }
@@ -44,7 +50,10 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let body = state.metrics.render(&state.pool).await;
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         body,
     )
         .into_response()

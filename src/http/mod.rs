@@ -49,7 +49,11 @@ pub fn router(state: AppState) -> Router {
 
 /// Reads a request body with the configured size limit and a deadline (a client that sends
 /// its body too slowly gets 408, not a worker held forever).
-pub async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+pub async fn read_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Bytes, ApiError> {
     let limit = state.cfg.http.body_limit;
     if let Some(len) = headers
         .get(header::CONTENT_LENGTH)
@@ -60,7 +64,12 @@ pub async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Res
             return Err(ApiError::too_large(limit));
         }
     }
-    match tokio::time::timeout(state.cfg.http.request_timeout, axum::body::to_bytes(body, limit)).await {
+    match tokio::time::timeout(
+        state.cfg.http.request_timeout,
+        axum::body::to_bytes(body, limit),
+    )
+    .await
+    {
         Err(_) => Err(ApiError::new(
             axum::http::StatusCode::REQUEST_TIMEOUT,
             "request_timeout",
@@ -73,7 +82,10 @@ pub async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Res
             if too_big {
                 Err(ApiError::too_large(limit))
             } else {
-                Err(ApiError::bad_request("body", format!("could not read the request body: {e}")))
+                Err(ApiError::bad_request(
+                    "body",
+                    format!("could not read the request body: {e}"),
+                ))
             }
         }
         Ok(Ok(b)) => Ok(b),
@@ -82,10 +94,18 @@ pub async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Res
 
 /// Refuses content types other than JSON (a missing one is tolerated).
 pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
-    match headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("")) {
+    match headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or(""))
+    {
         None => Ok(()),
         Some(ct) => {
-            let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            let mime = ct
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
             if mime == "application/json" || mime.ends_with("+json") || mime.is_empty() {
                 Ok(())
             } else {
@@ -102,13 +122,19 @@ pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
 /// Parses JSON, rejecting duplicate keys and absurd nesting with a clear message.
 pub fn parse_json(body: &[u8]) -> Result<serde_json::Value, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::bad_request("body", "the request body is empty; expected a JSON object"));
+        return Err(ApiError::bad_request(
+            "body",
+            "the request body is empty; expected a JSON object",
+        ));
     }
     // serde_json refuses nesting deeper than 128 levels by itself.
     let checked: Result<StrictValue, _> = serde_json::from_slice(body);
     match checked {
         Ok(v) => Ok(v.0),
-        Err(e) => Err(ApiError::bad_request("body", format!("body is not valid JSON: {e}"))),
+        Err(e) => Err(ApiError::bad_request(
+            "body",
+            format!("body is not valid JSON: {e}"),
+        )),
     }
 }
 
@@ -134,7 +160,11 @@ impl<'de> serde::Deserialize<'de> for StrictValue {
                 Ok(StrictValue(v.into()))
             }
             fn visit_f64<E>(self, v: f64) -> Result<StrictValue, E> {
-                Ok(StrictValue(serde_json::Number::from_f64(v).map(serde_json::Value::Number).unwrap_or(serde_json::Value::Null)))
+                Ok(StrictValue(
+                    serde_json::Number::from_f64(v)
+                        .map(serde_json::Value::Number)
+                        .unwrap_or(serde_json::Value::Null),
+                ))
             }
             fn visit_str<E>(self, v: &str) -> Result<StrictValue, E> {
                 Ok(StrictValue(v.into()))
@@ -148,17 +178,26 @@ impl<'de> serde::Deserialize<'de> for StrictValue {
             fn visit_none<E>(self) -> Result<StrictValue, E> {
                 Ok(StrictValue(serde_json::Value::Null))
             }
-            fn visit_some<D2: serde::Deserializer<'de>>(self, d: D2) -> Result<StrictValue, D2::Error> {
+            fn visit_some<D2: serde::Deserializer<'de>>(
+                self,
+                d: D2,
+            ) -> Result<StrictValue, D2::Error> {
                 serde::Deserialize::deserialize(d)
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<StrictValue, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<StrictValue, A::Error> {
                 let mut out = Vec::new();
                 while let Some(StrictValue(v)) = seq.next_element()? {
                     out.push(v);
                 }
                 Ok(StrictValue(serde_json::Value::Array(out)))
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<StrictValue, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<StrictValue, A::Error> {
                 let mut out = serde_json::Map::new();
                 while let Some(key) = map.next_key::<String>()? {
                     if out.contains_key(&key) {

@@ -66,7 +66,9 @@ impl JwksCache {
         if let Some(k) = state.0.get(kid) {
             return Ok(k.clone());
         }
-        let recently = state.1.is_some_and(|t| t.elapsed() < Duration::from_secs(10));
+        let recently = state
+            .1
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(10));
         if recently {
             return Err(SignatureError::UnknownKid(kid.to_string()));
         }
@@ -83,7 +85,9 @@ impl JwksCache {
             .map_err(|e| SignatureError::JwksUnavailable(e.to_string()))?;
         state.0.clear();
         for jwk in &set.keys {
-            let Some(id) = jwk.common.key_id.clone() else { continue };
+            let Some(id) = jwk.common.key_id.clone() else {
+                continue;
+            };
             match DecodingKey::from_jwk(jwk) {
                 Ok(k) => {
                     state.0.insert(id, k);
@@ -110,8 +114,12 @@ pub async fn verify(
     hmac: Option<&Secret>,
     jwks: &JwksCache,
 ) -> Result<(), SignatureError> {
-    let token = token.map(str::trim).filter(|t| !t.is_empty()).ok_or(SignatureError::Missing)?;
-    let header = jsonwebtoken::decode_header(token).map_err(|e| SignatureError::Malformed(e.to_string()))?;
+    let token = token
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or(SignatureError::Missing)?;
+    let header =
+        jsonwebtoken::decode_header(token).map_err(|e| SignatureError::Malformed(e.to_string()))?;
     let key = match header.alg {
         Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => match hmac {
             Some(s) => DecodingKey::from_secret(s.expose().as_bytes()),
@@ -152,7 +160,12 @@ mod tests {
         if let Some(e) = exp {
             claims["exp"] = json!(e);
         }
-        encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
     }
 
     #[tokio::test]
@@ -167,10 +180,22 @@ mod tests {
             Err(SignatureError::BodyMismatch)
         );
         let wrong = sign(body, "other", None);
-        assert!(matches!(verify(Some(&wrong), body, Some(&secret), &jwks).await, Err(SignatureError::Invalid(_))));
+        assert!(matches!(
+            verify(Some(&wrong), body, Some(&secret), &jwks).await,
+            Err(SignatureError::Invalid(_))
+        ));
         let expired = sign(body, "s3cret", Some(chrono::Utc::now().timestamp() - 3600));
-        assert!(matches!(verify(Some(&expired), body, Some(&secret), &jwks).await, Err(SignatureError::Invalid(_))));
-        assert!(matches!(verify(Some("garbage"), body, Some(&secret), &jwks).await, Err(SignatureError::Malformed(_))));
-        assert_eq!(verify(None, body, Some(&secret), &jwks).await, Err(SignatureError::Missing));
+        assert!(matches!(
+            verify(Some(&expired), body, Some(&secret), &jwks).await,
+            Err(SignatureError::Invalid(_))
+        ));
+        assert!(matches!(
+            verify(Some("garbage"), body, Some(&secret), &jwks).await,
+            Err(SignatureError::Malformed(_))
+        ));
+        assert_eq!(
+            verify(None, body, Some(&secret), &jwks).await,
+            Err(SignatureError::Missing)
+        );
     }
 }

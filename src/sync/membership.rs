@@ -106,7 +106,10 @@ pub fn columns_from_member(
 ) -> Map<String, Value> {
     let mut out = Map::new();
     if let Some(rc) = role_column {
-        out.insert(rc.to_string(), data.get("role").cloned().unwrap_or(Value::Null));
+        out.insert(
+            rc.to_string(),
+            data.get("role").cloned().unwrap_or(Value::Null),
+        );
     }
     for c in data_columns {
         out.insert(c.clone(), data.get(c).cloned().unwrap_or(Value::Null));
@@ -137,9 +140,18 @@ mod tests {
     fn the_diff_adds_removes_and_changes() {
         let desired = desired_members(&rows(), "user_id", Some("role"), &[]);
         let actual = actual_members(&[
-            Member { user_id: "b".into(), data: json!({"role": "admin"}) },
-            Member { user_id: "c".into(), data: Value::Null },
-            Member { user_id: "stray".into(), data: json!({}) },
+            Member {
+                user_id: "b".into(),
+                data: json!({"role": "admin"}),
+            },
+            Member {
+                user_id: "c".into(),
+                data: Value::Null,
+            },
+            Member {
+                user_id: "stray".into(),
+                data: json!({}),
+            },
         ]);
         let d = diff(&desired, &actual);
         assert_eq!(d.add.len(), 1);

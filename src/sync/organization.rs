@@ -30,7 +30,9 @@ pub fn desired_group(
     data_columns: &[String],
     template: &str,
 ) -> Result<DesiredGroup, MappingError> {
-    let name = render_name(template, id, row, name_column).trim().to_string();
+    let name = render_name(template, id, row, name_column)
+        .trim()
+        .to_string();
     if name.is_empty() {
         return Err(MappingError::Invalid(format!(
             "organization {id} has an empty name (column {name_column}); a FusionAuth group needs one"
@@ -78,14 +80,24 @@ mod tests {
     #[test]
     fn the_name_template_is_filled() {
         let row = json!({"name": "Acme", "slug": "acme"});
-        assert_eq!(render_name("{name} ({id})", "42", &row, "name"), "Acme (42)");
+        assert_eq!(
+            render_name("{name} ({id})", "42", &row, "name"),
+            "Acme (42)"
+        );
         assert_eq!(render_name("{slug}", "42", &row, "name"), "acme");
     }
 
     #[test]
     fn data_columns_and_the_org_id_travel_in_group_data() {
         let row = json!({"name": "Acme", "slug": "acme", "data": {"tier": 1}, "secret": "x"});
-        let g = desired_group("42", &row, "name", &["slug".into(), "data".into()], "{name}").unwrap();
+        let g = desired_group(
+            "42",
+            &row,
+            "name",
+            &["slug".into(), "data".into()],
+            "{name}",
+        )
+        .unwrap();
         assert_eq!(g.name, "Acme");
         assert_eq!(g.data["organizationId"], json!("42"));
         assert_eq!(g.data["slug"], json!("acme"));

@@ -253,7 +253,8 @@ mod tests {
         let e = desired_user(&json!({"email": "not an email"}), &fields()).unwrap_err();
         assert!(e.to_string().contains("not an email address"));
         let long = "x".repeat(300);
-        let e = desired_user(&json!({"email": "a@b.c", "first_name": long}), &fields()).unwrap_err();
+        let e =
+            desired_user(&json!({"email": "a@b.c", "first_name": long}), &fields()).unwrap_err();
         assert!(e.to_string().contains("at most"));
         let e = desired_user(&json!({"email": "a@b.c", "data": [1]}), &fields()).unwrap_err();
         assert!(e.to_string().contains("JSON object"));

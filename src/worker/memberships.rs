@@ -15,7 +15,10 @@ use crate::sync::membership::{
 };
 use crate::sync::DELETED;
 
-pub async fn reconcile(ctx: &SyncContext, entity: &ClaimedEntity) -> Result<Option<String>, SyncError> {
+pub async fn reconcile(
+    ctx: &SyncContext,
+    entity: &ClaimedEntity,
+) -> Result<Option<String>, SyncError> {
     let gid = parse_uuid(&entity.key, "organization")?;
     let mut fp = entity.fingerprint.clone();
     if entity.has(Direction::ToDatabase) && ctx.cfg.memberships.mode == MembershipMode::TwoWay {
@@ -30,7 +33,12 @@ pub async fn reconcile(ctx: &SyncContext, entity: &ClaimedEntity) -> Result<Opti
 
 fn desired_from_rows(ctx: &SyncContext, rows: &[serde_json::Value]) -> MemberSet {
     let m = &ctx.cfg.memberships;
-    desired_members(rows, &m.user_column, m.role_column.as_deref(), &m.data_columns)
+    desired_members(
+        rows,
+        &m.user_column,
+        m.role_column.as_deref(),
+        &m.data_columns,
+    )
 }
 
 pub async fn to_fusionauth(
@@ -55,16 +63,21 @@ pub async fn to_fusionauth(
     let org_fp = entity::fingerprint(&ctx.pool, EntityKind::Organization, org_key).await?;
     let want_org_fp = organizations::desired(ctx, gid, &org)?.fingerprint();
     if org_fp.as_deref() != Some(want_org_fp.as_str()) {
-        let new_fp = organizations::to_fusionauth(ctx, gid, Some(&org), org_fp.as_deref(), false).await?;
+        let new_fp =
+            organizations::to_fusionauth(ctx, gid, Some(&org), org_fp.as_deref(), false).await?;
         entity::set_fingerprint(&ctx.pool, EntityKind::Organization, org_key, &new_fp).await?;
     }
     let user_keys: Vec<String> = desired.keys().cloned().collect();
-    let user_rows = ctx.tables.users_by_ids(&ctx.pool, &valid_uuids(&user_keys)).await?;
+    let user_rows = ctx
+        .tables
+        .users_by_ids(&ctx.pool, &valid_uuids(&user_keys))
+        .await?;
     let user_fps = entity::fingerprints(&ctx.pool, EntityKind::User, &user_keys).await?;
     let mut missing = Vec::new();
     for key in &user_keys {
         let row = user_rows.get(key);
-        let ok = users::ensure_in_fusionauth(ctx, key, row, user_fps.get(key).map(String::as_str)).await?;
+        let ok = users::ensure_in_fusionauth(ctx, key, row, user_fps.get(key).map(String::as_str))
+            .await?;
         if !ok {
             missing.push(key.clone());
         }
@@ -74,7 +87,11 @@ pub async fn to_fusionauth(
         desired.remove(key);
     }
 
-    let actual = actual_members(&ctx.fa.group_members(gid, ctx.cfg.reconcile.page_size).await?);
+    let actual = actual_members(
+        &ctx.fa
+            .group_members(gid, ctx.cfg.reconcile.page_size)
+            .await?,
+    );
     let d = diff(&desired, &actual);
     if d.is_empty() {
         return Ok(fp);
@@ -116,13 +133,25 @@ async fn to_database(
     let rows = ctx.tables.members_of(&ctx.pool, org_key).await?;
     let table = desired_from_rows(ctx, &rows);
     let table_fp = fingerprint(&table);
-    let actual = actual_members(&ctx.fa.group_members(gid, ctx.cfg.reconcile.page_size).await?);
+    let actual = actual_members(
+        &ctx.fa
+            .group_members(gid, ctx.cfg.reconcile.page_size)
+            .await?,
+    );
     if fingerprint(&actual) == table_fp {
         return Ok(Some(table_fp));
     }
     let database_changed = entity.has(Direction::ToFusionAuth)
-        || event::has_pending(&ctx.pool, EntityKind::Membership, org_key, Direction::ToFusionAuth).await?
-        || stored.as_deref().is_some_and(|s| s != table_fp && s != DELETED);
+        || event::has_pending(
+            &ctx.pool,
+            EntityKind::Membership,
+            org_key,
+            Direction::ToFusionAuth,
+        )
+        .await?
+        || stored
+            .as_deref()
+            .is_some_and(|s| s != table_fp && s != DELETED);
     if database_changed {
         info!(organization = %org_key, "members changed on both sides: the database wins");
         return Ok(stored);
@@ -136,13 +165,24 @@ async fn to_database(
         .into_keys()
         .collect();
     let m = &ctx.cfg.memberships;
-    let remove: Vec<String> = table.keys().filter(|u| !actual.contains_key(*u)).cloned().collect();
+    let remove: Vec<String> = table
+        .keys()
+        .filter(|u| !actual.contains_key(*u))
+        .cloned()
+        .collect();
     let upsert: Vec<(String, serde_json::Map<String, serde_json::Value>)> = actual
         .iter()
         .filter(|(u, data)| known.contains(*u) && table.get(*u) != Some(*data))
-        .map(|(u, data)| (u.clone(), columns_from_member(data, m.role_column.as_deref(), &m.data_columns)))
+        .map(|(u, data)| {
+            (
+                u.clone(),
+                columns_from_member(data, m.role_column.as_deref(), &m.data_columns),
+            )
+        })
         .collect();
-    ctx.tables.write_members(&ctx.pool, org_key, &remove, &upsert).await?;
+    ctx.tables
+        .write_members(&ctx.pool, org_key, &remove, &upsert)
+        .await?;
     info!(organization = %org_key, imported = upsert.len(), removed = remove.len(), "wrote FusionAuth's group members into the membership table");
     let rows = ctx.tables.members_of(&ctx.pool, org_key).await?;
     Ok(Some(fingerprint(&desired_from_rows(ctx, &rows))))

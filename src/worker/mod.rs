@@ -143,7 +143,11 @@ impl Worker {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "fusionsync".into());
         Self {
             ctx,
-            id: format!("{host}:{}:{}", std::process::id(), &Uuid::new_v4().to_string()[..8]),
+            id: format!(
+                "{host}:{}:{}",
+                std::process::id(),
+                &Uuid::new_v4().to_string()[..8]
+            ),
         }
     }
 
@@ -212,7 +216,9 @@ impl Worker {
             if last_reap.elapsed() >= ctx.cfg.worker.poll_interval.max(Duration::from_secs(1)) {
                 last_reap = std::time::Instant::now();
                 match event::release_expired_leases(&ctx.pool).await {
-                    Ok(n) if n > 0 => warn!(events = n, "took over events whose worker lease ran out"),
+                    Ok(n) if n > 0 => {
+                        warn!(events = n, "took over events whose worker lease ran out")
+                    }
                     Ok(_) => {}
                     Err(e) => debug!(error = %e, "could not check for expired leases"),
                 }
@@ -226,11 +232,15 @@ impl Worker {
                 if avail == 0 {
                     break;
                 }
-                let limit = ctx.breaker.claim_limit(avail.min(ctx.cfg.worker.batch_size));
+                let limit = ctx
+                    .breaker
+                    .claim_limit(avail.min(ctx.cfg.worker.batch_size));
                 if limit == 0 {
                     break;
                 }
-                let claimed = match event::claim(&ctx.pool, &worker_id, limit, ctx.cfg.worker.lease).await {
+                let claimed = match event::claim(&ctx.pool, &worker_id, limit, ctx.cfg.worker.lease)
+                    .await
+                {
                     Ok(c) => c,
                     Err(e) => {
                         ctx.breaker.on_other();
@@ -276,7 +286,8 @@ impl Worker {
         // Shutdown: no more claims; wait for in-flight work, bounded.
         info!(worker = %worker_id, "worker stopping: finishing in-flight work");
         let all = u32::try_from(concurrency).unwrap_or(u32::MAX);
-        let finished = tokio::time::timeout(ctx.cfg.worker.shutdown_timeout, sem.acquire_many(all)).await;
+        let finished =
+            tokio::time::timeout(ctx.cfg.worker.shutdown_timeout, sem.acquire_many(all)).await;
         if finished.is_err() {
             warn!(
                 timeout = ?ctx.cfg.worker.shutdown_timeout,
@@ -367,7 +378,10 @@ async fn process_entity(ctx: &SyncContext, entity: &ClaimedEntity, rows: &Prefet
         match entity.kind {
             EntityKind::User => {
                 // A prefetched batch read only stands in for "no row" when the key was asked for.
-                let row = if !entity.has(Direction::ToDatabase) && Uuid::parse_str(&entity.key).is_ok() && !rows.is_empty() {
+                let row = if !entity.has(Direction::ToDatabase)
+                    && Uuid::parse_str(&entity.key).is_ok()
+                    && !rows.is_empty()
+                {
                     Some(rows.get(&entity.key).cloned())
                 } else {
                     None

@@ -11,7 +11,10 @@ use crate::fusionauth::FusionAuthError;
 use crate::sync::organization::{desired_group, DesiredGroup};
 use crate::sync::DELETED;
 
-pub async fn reconcile(ctx: &SyncContext, entity: &ClaimedEntity) -> Result<Option<String>, SyncError> {
+pub async fn reconcile(
+    ctx: &SyncContext,
+    entity: &ClaimedEntity,
+) -> Result<Option<String>, SyncError> {
     let id = parse_uuid(&entity.key, "organization")?;
     let row = ctx.tables.organization(&ctx.pool, &entity.key).await?;
     let force = entity.forced(Direction::ToFusionAuth);
@@ -71,7 +74,12 @@ pub async fn to_fusionauth(
 
 /// Creates or updates; an update of a missing group creates it, a create of an existing id
 /// updates it.
-async fn save(ctx: &SyncContext, id: &Uuid, desired: &DesiredGroup, create: bool) -> Result<(), FusionAuthError> {
+async fn save(
+    ctx: &SyncContext,
+    id: &Uuid,
+    desired: &DesiredGroup,
+    create: bool,
+) -> Result<(), FusionAuthError> {
     let body = desired.body();
     if create {
         match ctx.fa.save_group(id, &body, true).await {

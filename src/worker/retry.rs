@@ -77,7 +77,10 @@ mod tests {
         let p = policy();
         for _ in 0..200 {
             let d = p.delay(3, None);
-            assert!(d >= Duration::from_secs(2) && d <= Duration::from_secs(4), "{d:?}");
+            assert!(
+                d >= Duration::from_secs(2) && d <= Duration::from_secs(4),
+                "{d:?}"
+            );
         }
     }
 

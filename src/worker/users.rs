@@ -99,7 +99,9 @@ async fn update_known(
             Ok(true) => {}
             Ok(false) => return Ok(false),
             // FusionAuth refuses to update a deactivated user (400 on field userId).
-            Err(e) if e.status() == Some(400) && e.errors().is_some_and(|x| x.has_field("userId")) => {
+            Err(e)
+                if e.status() == Some(400) && e.errors().is_some_and(|x| x.has_field("userId")) =>
+            {
                 return Ok(false)
             }
             Err(e) => return Err(e.into()),
@@ -112,7 +114,11 @@ async fn update_known(
 }
 
 /// Reads the FusionAuth user and changes what differs (or creates it).
-async fn converge_by_reading(ctx: &SyncContext, id: &Uuid, desired: &DesiredUser) -> Result<(), SyncError> {
+async fn converge_by_reading(
+    ctx: &SyncContext,
+    id: &Uuid,
+    desired: &DesiredUser,
+) -> Result<(), SyncError> {
     let Some(current) = ctx.fa.get_user(id).await? else {
         return create(ctx, id, desired).await;
     };
@@ -174,7 +180,11 @@ async fn create(ctx: &SyncContext, id: &Uuid, desired: &DesiredUser) -> Result<(
 }
 
 /// The user exists (create said so): converge without trying to create again.
-async fn converge_existing(ctx: &SyncContext, id: &Uuid, desired: &DesiredUser) -> Result<(), SyncError> {
+async fn converge_existing(
+    ctx: &SyncContext,
+    id: &Uuid,
+    desired: &DesiredUser,
+) -> Result<(), SyncError> {
     match ctx.fa.get_user(id).await? {
         Some(_) => converge_by_reading(ctx, id, desired).await,
         None => Err(SyncError::retry(format!(
@@ -195,9 +205,11 @@ pub async fn to_database(
     let fields = &ctx.tables.user_fields;
     let key = entity.key.as_str();
     let row = ctx.tables.user_by_id(&ctx.pool, key).await?;
-    let row_fp = row
-        .as_ref()
-        .map(|r| desired_user(r, fields).map(|d| d.fingerprint()).unwrap_or_default());
+    let row_fp = row.as_ref().map(|r| {
+        desired_user(r, fields)
+            .map(|d| d.fingerprint())
+            .unwrap_or_default()
+    });
     let database_changed = entity.has(Direction::ToFusionAuth)
         || event::has_pending(&ctx.pool, EntityKind::User, key, Direction::ToFusionAuth).await?
         || match (&row_fp, stored.as_deref()) {
@@ -255,7 +267,11 @@ pub async fn to_database(
                     Ok(Some(DELETED.into()))
                 }
                 FusionAuthDeletePolicy::Deactivate => {
-                    let Some(active_col) = fields.iter().find(|(f, _)| f == "active").map(|(_, c)| c.clone()) else {
+                    let Some(active_col) = fields
+                        .iter()
+                        .find(|(f, _)| f == "active")
+                        .map(|(_, c)| c.clone())
+                    else {
                         return Err(SyncError::Permanent(
                             "users.on_fusionauth_delete = deactivate needs users.columns.active to be mapped".into(),
                         ));
