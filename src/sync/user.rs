@@ -114,6 +114,12 @@ pub fn columns_from_fusionauth(user: &Value, fields: &[(String, String)]) -> Map
     for (field, column) in fields {
         let v = if field == "active" {
             Value::Bool(user.get("active").and_then(Value::as_bool).unwrap_or(true))
+        } else if field == "data" {
+            // An absent `data` is an empty object (data columns are usually NOT NULL '{}').
+            match normalize(user.get(field)) {
+                Value::Null => Value::Object(Map::new()),
+                v => v,
+            }
         } else {
             normalize(user.get(field))
         };

@@ -189,6 +189,7 @@ impl TestApp {
         fa: FakeFusionAuth,
         tweak: impl FnOnce(&mut BTreeMap<String, String>),
     ) -> Self {
+        fusionsync::telemetry::init(fusionsync::config::LogFormat::Human, "warn");
         let mut env = base_env(&db.url, &fa.url());
         tweak(&mut env);
         let cancel = CancellationToken::new();
