@@ -445,3 +445,34 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+impl TestApp {
+    /// A worker on this app's database to drive by hand (`process_next_batch`).
+    pub async fn worker(&self) -> fusionsync::worker::Worker {
+        let cfg = std::sync::Arc::new(config(&self.env));
+        let pool = fusionsync::app::prepare_database(&cfg).await.unwrap();
+        let tables = fusionsync::db::app::AppTables::resolve(&pool, &cfg)
+            .await
+            .unwrap();
+        let metrics = std::sync::Arc::new(fusionsync::metrics::Metrics::new());
+        let fa = fusionsync::fusionauth::FusionAuthClient::new(
+            &cfg.fusionauth,
+            cfg.retry.in_attempt_max_elapsed,
+            None,
+        )
+        .unwrap();
+        let ctx = fusionsync::worker::SyncContext::new(pool, fa, cfg, tables, metrics);
+        fusionsync::worker::Worker::new(std::sync::Arc::new(ctx))
+    }
+
+    /// Processes batches until nothing is due.
+    pub async fn drain(&self, worker: &fusionsync::worker::Worker) {
+        for _ in 0..1000 {
+            let out = worker.process_next_batch().await.unwrap();
+            if out.claimed == 0 && !out.paused {
+                return;
+            }
+        }
+        panic!("the queue did not drain");
+    }
+}
