@@ -956,17 +956,11 @@ impl Config {
             table: r.table("organizations.table", "public.organizations"),
             id_column: r.column("organizations.id_column", "id"),
             name_column: r.column("organizations.name_column", "name"),
-            data_columns: {
-                let cols = r.columns("organizations.data_columns");
-                if r.raw("organizations.data_columns").is_none()
-                    && r.cfg
-                        .get::<config::Value>("organizations.data_columns")
-                        .is_err()
-                {
-                    vec!["slug".to_string(), "data".to_string()]
-                } else {
-                    cols
+            data_columns: match r.cfg.get::<config::Value>("organizations.data_columns") {
+                Ok(v) if !matches!(v.kind, config::ValueKind::Nil) => {
+                    r.columns("organizations.data_columns")
                 }
+                _ => vec!["slug".to_string(), "data".to_string()],
             },
             group_name_template: r.string("organizations.group_name_template", "{name}"),
         };
@@ -1159,5 +1153,33 @@ mod tests {
         e.push(("FUSIONSYNC__USERS__COLUMNS__DATA", "-"));
         let c = Config::load_from(None, Needs::DatabaseAndFusionAuth, env(&e)).unwrap();
         assert!(!c.users.columns.fields.contains_key("data"));
+    }
+}
+
+#[cfg(test)]
+mod example_file {
+    use super::*;
+
+    /// The shipped example documents every key and loads as it is.
+    #[test]
+    fn the_example_file_loads_and_names_every_key() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fusionsync.example.toml");
+        let env: BTreeMap<String, String> = [
+            ("DATABASE_URL", "postgres://localhost/db"),
+            ("FUSIONAUTH_URL", "http://localhost:9011"),
+            ("FUSIONAUTH_API_KEY", "k"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let c = Config::load_from(Some(&path), Needs::DatabaseAndFusionAuth, env).unwrap();
+        assert_eq!(c.worker.concurrency, 32);
+        assert_eq!(c.users.columns.fields.get("firstName").map(String::as_str), Some("first_name"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        for key in KNOWN_KEYS {
+            let (section, name) = key.split_once('.').unwrap();
+            assert!(text.contains(&format!("[{section}]")), "section {section}");
+            assert!(text.contains(&format!("{name} =")) || text.contains(&format!("# {name} =")), "{key} is not documented");
+        }
     }
 }
