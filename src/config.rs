@@ -1174,12 +1174,18 @@ mod example_file {
         .collect();
         let c = Config::load_from(Some(&path), Needs::DatabaseAndFusionAuth, env).unwrap();
         assert_eq!(c.worker.concurrency, 32);
-        assert_eq!(c.users.columns.fields.get("firstName").map(String::as_str), Some("first_name"));
+        assert_eq!(
+            c.users.columns.fields.get("firstName").map(String::as_str),
+            Some("first_name")
+        );
         let text = std::fs::read_to_string(&path).unwrap();
         for key in KNOWN_KEYS {
             let (section, name) = key.split_once('.').unwrap();
             assert!(text.contains(&format!("[{section}]")), "section {section}");
-            assert!(text.contains(&format!("{name} =")) || text.contains(&format!("# {name} =")), "{key} is not documented");
+            assert!(
+                text.contains(&format!("{name} =")) || text.contains(&format!("# {name} =")),
+                "{key} is not documented"
+            );
         }
     }
 }
