@@ -101,16 +101,41 @@ pub async fn to_fusionauth(
     }
     let mut remove: Vec<String> = d.remove.clone();
     remove.extend(d.change.iter().map(|m| m.user_id.clone()));
-    ctx.fa.remove_members(gid, &remove).await?;
     let mut add: Vec<Member> = d.add.clone();
     add.extend(d.change.iter().cloned());
-    match ctx.fa.add_members(gid, &add).await {
+    let applied = async {
+        ctx.fa.remove_members(gid, &remove).await?;
+        ctx.fa.add_members(gid, &add).await
+    }
+    .await;
+    match applied {
         Ok(()) => {}
-        // The group vanished (deleted by hand): create it again, then add.
+        // The group is gone: the organization was deleted meanwhile (then there is nothing to
+        // do), or someone deleted the group by hand (create it again, then redo the set).
         Err(e) if e.status() == Some(400) && e.has_code("[invalid]members") => {
+            let Some(org) = ctx.tables.organization(&ctx.pool, org_key).await? else {
+                return Ok(DELETED.into());
+            };
             let new_fp = organizations::to_fusionauth(ctx, gid, Some(&org), None, true).await?;
             entity::set_fingerprint(&ctx.pool, EntityKind::Organization, org_key, &new_fp).await?;
-            ctx.fa.add_members(gid, &add).await?;
+            return Err(SyncError::retry(format!(
+                "the group was missing in FusionAuth ({e}); recreated, the member set is read again"
+            )));
+        }
+        // A member's user is not in FusionAuth: deleted there by hand, or deleted from the table
+        // while this set was being reconciled. Make each of those users agree with its row
+        // (creating or removing it), then read the whole set again on the next attempt.
+        Err(e) if e.status() == Some(400) && e.has_code("[invalid]userId") => {
+            let keys: Vec<String> = add.iter().map(|m| m.user_id.clone()).collect();
+            let rows = ctx.tables.users_by_ids(&ctx.pool, &valid_uuids(&keys)).await?;
+            for key in &keys {
+                let uid = parse_uuid(key, "user")?;
+                let fp = users::to_fusionauth(ctx, &uid, rows.get(key), None, true).await?;
+                entity::set_fingerprint(&ctx.pool, EntityKind::User, key, &fp).await?;
+            }
+            return Err(SyncError::retry(format!(
+                "a member's user was missing in FusionAuth ({e}); users reconciled, the member set is read again"
+            )));
         }
         Err(e) => return Err(e.into()),
     }

@@ -47,6 +47,9 @@ pub struct Faults {
     pub fail_per_mille: AtomicU64,
     /// Probability (per mille) of dropping the connection without an answer.
     pub drop_per_mille: AtomicU64,
+    /// Probability (per mille) of doing the work and then dropping the connection (the client
+    /// cannot know the request succeeded).
+    pub drop_after_per_mille: AtomicU64,
     /// Fixed latency added to each request, in microseconds, plus a random part.
     pub latency_us: AtomicU64,
     pub jitter_us: AtomicU64,
@@ -55,6 +58,10 @@ pub struct Faults {
     pub down: AtomicBool,
     /// Answer 503 to the next N requests.
     pub fail_next: AtomicU64,
+    /// What was injected so far.
+    pub injected_errors: AtomicU64,
+    pub injected_drops: AtomicU64,
+    pub refused_while_down: AtomicU64,
 }
 
 #[derive(Default)]
@@ -175,6 +182,7 @@ impl FakeFusionAuth {
                     r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
                 };
                 if st.faults.down.load(Ordering::SeqCst) {
+                    st.faults.refused_while_down.fetch_add(1, Ordering::SeqCst);
                     drop(stream);
                     continue;
                 }
@@ -284,6 +292,9 @@ impl FakeFusionAuth {
     pub fn set_drop_per_mille(&self, n: u64) {
         self.state.faults.drop_per_mille.store(n, Ordering::SeqCst);
     }
+    pub fn set_drop_after_per_mille(&self, n: u64) {
+        self.state.faults.drop_after_per_mille.store(n, Ordering::SeqCst);
+    }
     pub fn set_latency(&self, fixed: Duration, jitter: Duration) {
         self.state
             .faults
@@ -365,6 +376,7 @@ async fn gate(
     st.requests.fetch_add(1, Ordering::SeqCst);
     let f = &st.faults;
     if f.down.load(Ordering::SeqCst) {
+        f.refused_while_down.fetch_add(1, Ordering::SeqCst);
         kill.0.cancel();
         return std::future::pending().await;
     }
@@ -412,6 +424,7 @@ async fn gate(
         tokio::time::sleep(Duration::from_micros(delay)).await;
     }
     if drop_it {
+        f.injected_drops.fetch_add(1, Ordering::SeqCst);
         kill.0.cancel();
         return std::future::pending().await;
     }
@@ -423,6 +436,7 @@ async fn gate(
         return empty(StatusCode::SERVICE_UNAVAILABLE);
     }
     if fail_it {
+        f.injected_errors.fetch_add(1, Ordering::SeqCst);
         let status = if rand::thread_rng().gen_bool(0.5) {
             StatusCode::INTERNAL_SERVER_ERROR
         } else {
@@ -455,7 +469,13 @@ async fn gate(
         );
     }
     let req = Request::from_parts(parts, Body::from(bytes));
-    next.run(req).await
+    let resp = next.run(req).await;
+    if rand::thread_rng().gen_range(0..1000) < f.drop_after_per_mille.load(Ordering::SeqCst) {
+        f.injected_drops.fetch_add(1, Ordering::SeqCst);
+        kill.0.cancel();
+        return std::future::pending().await;
+    }
+    resp
 }
 
 fn parse_id(id: &str, field: &str) -> Result<Uuid, Response> {

@@ -2,6 +2,7 @@
 //! FusionAuth, fusionsync in-process or as the real binary.
 
 mod admin;
+mod chaos;
 mod deployment;
 mod fake_fusionauth;
 mod helpers;
