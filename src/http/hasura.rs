@@ -390,3 +390,61 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            "\\PC{0,16}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(5, 64, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("id".to_string()),
+                        Just("table".to_string()),
+                        Just("event".to_string()),
+                        Just("op".to_string()),
+                        Just("data".to_string()),
+                        Just("new".to_string()),
+                        Just("old".to_string()),
+                        Just("payload".to_string()),
+                        Just("type".to_string()),
+                        Just("user".to_string()),
+                        "[a-z]{1,6}"
+                    ],
+                    inner,
+                    0..6
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// The payload parsers answer Ok or a 4xx for anything; they never panic.
+        #[test]
+        fn parsers_never_panic_on_arbitrary_json(v in json_value()) {
+            if let Err(e) = parse_event(&v) {
+                prop_assert!(e.status.is_client_error());
+            }
+            for mode in [crate::config::MembershipMode::Database, crate::config::MembershipMode::TwoWay] {
+                if let Err(e) = crate::http::fusionauth_webhook::interpret(&v, mode, None) {
+                    prop_assert!(e.status.is_client_error());
+                }
+            }
+        }
+
+        #[test]
+        fn the_json_reader_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = crate::http::parse_json(&bytes);
+        }
+    }
+}

@@ -266,3 +266,71 @@ mod tests {
         assert!(e.to_string().contains("JSON object"));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn fields() -> Vec<(String, String)> {
+        [
+            ("email", "email"),
+            ("username", "username"),
+            ("firstName", "first_name"),
+            ("lastName", "last_name"),
+            ("active", "active"),
+            ("data", "data"),
+        ]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+    }
+
+    fn text() -> impl Strategy<Value = Option<String>> {
+        proptest::option::of("\\PC{0,40}")
+    }
+
+    proptest! {
+        /// Whatever a row holds, mapping never panics; a row that maps survives the trip to
+        /// FusionAuth and back into columns unchanged (as FusionAuth would store it).
+        #[test]
+        fn row_to_fusionauth_and_back_round_trips(
+            local in "[a-z0-9._+-]{1,20}", domain in "[a-z0-9-]{1,20}\\.[a-z]{2,5}",
+            username in text(), first in text(), last in text(), active in any::<bool>(),
+            data in proptest::option::of(proptest::collection::btree_map("[a-z]{1,8}", "\\PC{0,10}", 0..4)),
+        ) {
+            let row = json!({"email": format!("{local}@{domain}"), "username": username, "first_name": first,
+                "last_name": last, "active": active, "data": data});
+            let d = desired_user(&row, &fields()).unwrap();
+            let mut fa = d.create_body(None);
+            fa["active"] = json!(active);
+            prop_assert_eq!(desired_from_fusionauth(&fa, &fields()), d.clone());
+            let cols = columns_from_fusionauth(&fa, &fields());
+            let back = desired_user(&Value::Object(cols), &fields()).unwrap();
+            prop_assert_eq!(back.fingerprint(), d.fingerprint());
+        }
+
+        #[test]
+        fn mapping_arbitrary_json_never_panics(v in arbitrary_json()) {
+            let _ = desired_user(&v, &fields());
+            let _ = columns_from_fusionauth(&v, &fields());
+            let _ = desired_from_fusionauth(&v, &fields());
+        }
+    }
+
+    pub(crate) fn arbitrary_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            "\\PC{0,20}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::btree_map("[a-z_]{1,12}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+}

@@ -127,7 +127,10 @@ pub async fn to_fusionauth(
         // (creating or removing it), then read the whole set again on the next attempt.
         Err(e) if e.status() == Some(400) && e.has_code("[invalid]userId") => {
             let keys: Vec<String> = add.iter().map(|m| m.user_id.clone()).collect();
-            let rows = ctx.tables.users_by_ids(&ctx.pool, &valid_uuids(&keys)).await?;
+            let rows = ctx
+                .tables
+                .users_by_ids(&ctx.pool, &valid_uuids(&keys))
+                .await?;
             for key in &keys {
                 let uid = parse_uuid(key, "user")?;
                 let fp = users::to_fusionauth(ctx, &uid, rows.get(key), None, true).await?;

@@ -293,7 +293,10 @@ impl FakeFusionAuth {
         self.state.faults.drop_per_mille.store(n, Ordering::SeqCst);
     }
     pub fn set_drop_after_per_mille(&self, n: u64) {
-        self.state.faults.drop_after_per_mille.store(n, Ordering::SeqCst);
+        self.state
+            .faults
+            .drop_after_per_mille
+            .store(n, Ordering::SeqCst);
     }
     pub fn set_latency(&self, fixed: Duration, jitter: Duration) {
         self.state

@@ -8,4 +8,5 @@ mod fake_fusionauth;
 mod helpers;
 mod inbound;
 mod organizations;
+mod reliability;
 mod users;
