@@ -56,7 +56,25 @@ pub async fn prepare_tables(pool: &PgPool, cfg: &Config) -> anyhow::Result<AppTa
     tables
         .install_triggers(pool, cfg.sources.postgres_triggers)
         .await
-        .context("installing the change triggers failed")?;
+        .context("installing the change triggers failed (the role needs to own the app tables; or run `fusionsync migrate` as their owner and set database.migrate_on_start = false)")?;
+    Ok(tables)
+}
+
+/// For `run`: install the triggers when migrating on start; otherwise (a least-privilege role)
+/// only check that `fusionsync migrate` installed them.
+async fn tables_for_run(pool: &PgPool, cfg: &Config) -> anyhow::Result<AppTables> {
+    if cfg.database.migrate_on_start {
+        return prepare_tables(pool, cfg).await;
+    }
+    let tables = AppTables::resolve(pool, cfg).await.map_err(|e| {
+        anyhow::anyhow!("the configured app tables do not match the database:\n{e}")
+    })?;
+    if cfg.sources.postgres_triggers {
+        let missing = tables.missing_triggers(pool).await?;
+        if !missing.is_empty() {
+            warn!(tables = ?missing, "change triggers are missing (run `fusionsync migrate`); row changes there are not seen");
+        }
+    }
     Ok(tables)
 }
 
@@ -69,7 +87,7 @@ pub struct Running {
 pub async fn start(cfg: Config, cancel: CancellationToken) -> anyhow::Result<Running> {
     let cfg = Arc::new(cfg);
     let pool = prepare_database(&cfg).await?;
-    let tables = prepare_tables(&pool, &cfg).await?;
+    let tables = tables_for_run(&pool, &cfg).await?;
     let metrics = Arc::new(Metrics::new());
     let fa = FusionAuthClient::new(
         &cfg.fusionauth,

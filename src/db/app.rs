@@ -271,6 +271,35 @@ impl AppTables {
         Ok(())
     }
 
+    /// Tables that lack one of fusionsync's three change triggers.
+    pub async fn missing_triggers(&self, pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
+        let mut targets = vec![(&self.users, "user")];
+        if let Some(o) = &self.organizations {
+            targets.push((o, "organization"));
+        }
+        if let Some(m) = &self.members {
+            targets.push((&m.table, "membership"));
+        }
+        let mut missing = Vec::new();
+        for (table, kind) in targets {
+            let n: i64 = sqlx::query_scalar(
+                "select count(*) from pg_catalog.pg_trigger t
+                   join pg_catalog.pg_class c on c.oid = t.tgrelid
+                   join pg_catalog.pg_namespace n on n.oid = c.relnamespace
+                  where n.nspname = $1 and c.relname = $2 and t.tgname like $3",
+            )
+            .bind(&table.name.schema)
+            .bind(&table.name.name)
+            .bind(format!("fusionsync_{kind}_%"))
+            .fetch_one(pool)
+            .await?;
+            if n < 3 {
+                missing.push(table.name.to_string());
+            }
+        }
+        Ok(missing)
+    }
+
     // ---- users ---------------------------------------------------------------------------
 
     /// Current rows of the given users, keyed by id text. Keys must already be valid ids.

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use sqlx::Connection;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
@@ -398,4 +399,72 @@ async fn sigterm_during_a_burst_finishes_or_releases_every_claimed_event() {
     assert_eq!(fa.max_creates(), 1);
     assert!(d2.terminate().await.success());
     db.drop_db().await;
+}
+
+#[tokio::test]
+async fn the_documented_least_privilege_role_is_enough_to_run_the_daemon() {
+    let db = TestDb::new().await;
+    let fa = FakeFusionAuth::start().await;
+    // The owner migrates and installs the triggers once.
+    let owner_env = base_env(&db.url, &fa.url());
+    let cfg = config(&owner_env);
+    let pool = fusionsync::app::prepare_database(&cfg).await.unwrap();
+    fusionsync::app::prepare_tables(&pool, &cfg).await.unwrap();
+    pool.close().await;
+    // The GRANTs from docs/security.md, verbatim.
+    let doc = std::fs::read_to_string(format!("{}/docs/security.md", env!("CARGO_MANIFEST_DIR")))
+        .unwrap();
+    let start = doc.find("create role fusionsync login").unwrap();
+    let end = start + doc[start..].find("```").unwrap();
+    let role = format!(
+        "fusionsync_lp_{}",
+        &Uuid::new_v4().simple().to_string()[..8]
+    );
+    let grants = doc[start..end]
+        .replace("role fusionsync", &format!("role {role}"))
+        .replace("to fusionsync;", &format!("to {role};"))
+        .replace("'…'", "'pw'");
+    db.exec(&grants).await;
+    let mut url = reqwest::Url::parse(&db.url).unwrap();
+    url.set_username(&role).unwrap();
+    let app = TestApp::spawn_on(db, fa, |env| {
+        env.insert("DATABASE_URL".into(), url.to_string());
+        env.insert(
+            "FUSIONSYNC__DATABASE__MIGRATE_ON_START".into(),
+            "false".into(),
+        );
+    })
+    .await;
+    let id = Uuid::new_v4();
+    app.db.insert_user(id, "least@example.com").await;
+    eventually(
+        Duration::from_secs(10),
+        "sync as the restricted role",
+        || async { app.fa.user(&id).is_some() },
+    )
+    .await;
+    let signup = app
+        .fa
+        .insert_user(json!({"email": "lp-signup@example.com"}));
+    let resp = app.post_webhook(&json!({"event": {"type": "user.create.complete", "id": Uuid::new_v4(), "user": {"id": signup}}})).await;
+    assert_eq!(resp.status(), 200);
+    eventually(
+        Duration::from_secs(10),
+        "the sign-up written as the restricted role",
+        || async {
+            app.db
+                .count(&format!("select count(*) from users where id = '{signup}'"))
+                .await
+                == 1
+        },
+    )
+    .await;
+    app.settle().await;
+    assert_eq!(app.db.events_in("failed").await, 0);
+    app.finish().await;
+    if let Ok(mut c) = sqlx::PgConnection::connect(&admin_url()).await {
+        let _ = sqlx::query(&format!("drop role if exists {role}"))
+            .execute(&mut c)
+            .await;
+    }
 }
