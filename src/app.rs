@@ -95,8 +95,9 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> anyhow::Result<Run
         Some(metrics.clone()),
     )
     .context("building the FusionAuth HTTP client")?;
+    let worker_pool = crate::db::worker_pool(&cfg.database)?;
     let ctx = Arc::new(SyncContext::new(
-        pool.clone(),
+        worker_pool.clone(),
         fa,
         cfg.clone(),
         tables.clone(),
@@ -173,6 +174,7 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> anyhow::Result<Run
             let _ = t.await;
         }
         pool.close().await;
+        worker_pool.close().await;
     });
     Ok(Running { http_addr, done })
 }

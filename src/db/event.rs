@@ -101,7 +101,7 @@ pub async fn insert_events_in(
          select s, k, key, d, o, nullif(p, 'null'::jsonb), dk
          from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::text[])
               as t(s, k, key, d, o, p, dk)
-         on conflict (dedup_key) do nothing",
+         on conflict (dedup_key) where dedup_key is not null do nothing",
     )
     .bind(&sources)
     .bind(&kinds)
@@ -187,135 +187,97 @@ pub async fn release_expired_leases(pool: &PgPool) -> Result<u64, sqlx::Error> {
     Ok(n)
 }
 
-/// Claims up to `limit` entities with due events: one short transaction that takes the
-/// entity leases and marks every due event of those entities as processing.
+/// Claims up to `limit` entities with due events, in one statement (one round trip, its own
+/// transaction): lock candidate events (`FOR UPDATE SKIP LOCKED`), take the entity leases, and
+/// mark the candidates of the leased entities as processing. Several events of one entity among
+/// the candidates are coalesced into one run; later ones find the entity in agreement.
 pub async fn claim(
     pool: &PgPool,
     worker_id: &str,
     limit: usize,
     lease: Duration,
 ) -> Result<Vec<ClaimedEntity>, sqlx::Error> {
-    let lease_ms = lease.as_millis() as i64;
-    let mut tx = pool.begin().await?;
-    // 1. candidate events, skipping rows another claimer is looking at right now
     let rows = sqlx::query(
-        "select entity_kind, entity_key from fusionsync.event
-          where state = 'pending' and next_attempt_at <= now()
-          order by next_attempt_at, id
-          limit $1
-          for update skip locked",
+        "with cand as (
+            select id, entity_kind, entity_key from fusionsync.event
+             where state = 'pending' and next_attempt_at <= now()
+             order by next_attempt_at, id
+             limit $1
+             for update skip locked),
+         wanted as (
+            select distinct entity_kind, entity_key from cand
+             order by entity_kind, entity_key
+             limit $2),
+         -- The upsert waits for a concurrent claimer of the same entity and then sees its
+         -- lease, so one entity is never held twice; sorted order rules out deadlocks.
+         leased as (
+            insert into fusionsync.entity as en (entity_kind, entity_key, locked_by, locked_until)
+            select entity_kind, entity_key, $3, now() + make_interval(secs => $4::float8 / 1000)
+              from wanted order by entity_kind, entity_key
+            on conflict (entity_kind, entity_key) do update
+               set locked_by = excluded.locked_by, locked_until = excluded.locked_until
+             where en.locked_until < now()
+            returning en.entity_kind, en.entity_key, en.fingerprint),
+         claimed as (
+            update fusionsync.event e
+               set state = 'processing', locked_by = $3,
+                   locked_until = now() + make_interval(secs => $4::float8 / 1000),
+                   attempts = e.attempts + 1, updated_at = now()
+              from cand c join leased l using (entity_kind, entity_key)
+             where e.id = c.id
+            returning e.id, e.entity_kind, e.entity_key, e.source, e.direction, e.op, e.payload,
+                      e.attempts, e.created_at)
+         select l.entity_kind, l.entity_key, l.fingerprint,
+                c.id, c.source, c.direction, c.op, c.payload, c.attempts, c.created_at
+           from leased l left join claimed c using (entity_kind, entity_key)
+          order by l.entity_kind, l.entity_key, c.id",
     )
     .bind((limit.saturating_mul(2)) as i64)
-    .fetch_all(&mut *tx)
-    .await?;
-    if rows.is_empty() {
-        tx.commit().await?;
-        return Ok(Vec::new());
-    }
-    let mut wanted: Vec<(String, String)> = rows
-        .iter()
-        .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
-        .collect();
-    wanted.sort();
-    wanted.dedup();
-    wanted.truncate(limit);
-    let (kinds, keys): (Vec<String>, Vec<String>) = wanted.into_iter().unzip();
-
-    // 2. entity leases; the upsert waits for a concurrent claimer of the same entity and then
-    //    sees its lease, so one entity is never held twice. Sorted order rules out deadlocks.
-    let locked = sqlx::query(
-        "insert into fusionsync.entity as en (entity_kind, entity_key, locked_by, locked_until)
-         select k, key, $3, now() + make_interval(secs => $4::float8 / 1000)
-           from unnest($1::text[], $2::text[]) as t(k, key)
-          order by k, key
-         on conflict (entity_kind, entity_key) do update
-            set locked_by = excluded.locked_by, locked_until = excluded.locked_until
-          where en.locked_until < now()
-         returning entity_kind, entity_key, fingerprint",
-    )
-    .bind(&kinds)
-    .bind(&keys)
+    .bind(limit as i64)
     .bind(worker_id)
-    .bind(lease_ms)
-    .fetch_all(&mut *tx)
+    .bind(lease.as_millis() as i64)
+    .fetch_all(pool)
     .await?;
-    if locked.is_empty() {
-        tx.commit().await?;
-        return Ok(Vec::new());
-    }
-    let mut lkinds = Vec::with_capacity(locked.len());
-    let mut lkeys = Vec::with_capacity(locked.len());
-    let mut entities: Vec<ClaimedEntity> = Vec::with_capacity(locked.len());
-    for r in &locked {
-        let kind: String = r.get(0);
+
+    let mut entities: Vec<ClaimedEntity> = Vec::new();
+    for r in rows {
+        let kind = EntityKind::parse(r.get::<&str, _>(0)).unwrap_or(EntityKind::User);
         let key: String = r.get(1);
-        lkinds.push(kind.clone());
-        lkeys.push(key.clone());
-        entities.push(ClaimedEntity {
-            kind: EntityKind::parse(&kind).unwrap_or(EntityKind::User),
-            key,
-            fingerprint: r.get(2),
-            events: Vec::new(),
-        });
-    }
-
-    // 3. every due event of the leased entities (coalescing older duplicates into this run)
-    let events = sqlx::query(
-        "update fusionsync.event e
-            set state = 'processing', locked_by = $3,
-                locked_until = now() + make_interval(secs => $4::float8 / 1000),
-                attempts = e.attempts + 1, updated_at = now()
-           from (select ev.id from fusionsync.event ev
-                  join unnest($1::text[], $2::text[]) as t(k, key)
-                    on ev.entity_kind = t.k and ev.entity_key = t.key
-                 where ev.state = 'pending' and ev.next_attempt_at <= now()
-                 for update of ev skip locked) s
-          where e.id = s.id
-         returning e.id, e.entity_kind, e.entity_key, e.source, e.direction, e.op, e.payload,
-                   e.attempts, e.created_at",
-    )
-    .bind(&lkinds)
-    .bind(&lkeys)
-    .bind(worker_id)
-    .bind(lease_ms)
-    .fetch_all(&mut *tx)
-    .await?;
-    tx.commit().await?;
-
-    let mut index: std::collections::HashMap<(String, String), usize> = entities
-        .iter()
-        .enumerate()
-        .map(|(i, e)| ((e.kind.as_str().to_string(), e.key.clone()), i))
-        .collect();
-    for r in events {
-        let kind: String = r.get(1);
-        let key: String = r.get(2);
-        let direction: String = r.get(4);
-        if let Some(i) = index.get_mut(&(kind, key)) {
-            entities[*i].events.push(ClaimedEvent {
-                id: r.get(0),
-                source: r.get(3),
+        let same = entities
+            .last()
+            .is_some_and(|e| e.kind == kind && e.key == key);
+        if !same {
+            entities.push(ClaimedEntity {
+                kind,
+                key,
+                fingerprint: r.get(2),
+                events: Vec::new(),
+            });
+        }
+        let Some(id) = r.get::<Option<i64>, _>(3) else {
+            continue;
+        };
+        let direction: String = r.get(5);
+        if let Some(e) = entities.last_mut() {
+            e.events.push(ClaimedEvent {
+                id,
+                source: r.get(4),
                 direction: if direction == "to_database" {
                     Direction::ToDatabase
                 } else {
                     Direction::ToFusionAuth
                 },
-                op: r.get(5),
-                payload: r.get(6),
-                attempts: r.get(7),
-                created_at: r.get(8),
+                op: r.get(6),
+                payload: r.get(7),
+                attempts: r.get(8),
+                created_at: r.get(9),
             });
         }
     }
-    // An entity whose events were all taken by a concurrent claimer has nothing to do:
-    // give its lease back right away.
+    // An entity leased without events (they were taken meanwhile) gives its lease back.
     let (empty, full): (Vec<_>, Vec<_>) = entities.into_iter().partition(|e| e.events.is_empty());
     if !empty.is_empty() {
         release_entities(pool, worker_id, &empty, &[]).await?;
-    }
-    let mut full = full;
-    for e in &mut full {
-        e.events.sort_by_key(|ev| ev.id);
     }
     Ok(full)
 }
@@ -346,7 +308,7 @@ pub async fn complete(
     let mut done_ids = Vec::new();
     let mut fp_kinds = Vec::new();
     let mut fp_keys = Vec::new();
-    let mut fps = Vec::new();
+    let mut fps: Vec<Option<String>> = Vec::new();
     let mut retry_ids = Vec::new();
     let mut retry_delays = Vec::new();
     let mut retry_errors = Vec::new();
@@ -354,14 +316,15 @@ pub async fn complete(
     let mut failed_ids = Vec::new();
     let mut failed_errors = Vec::new();
     for (entity, outcome) in results {
+        fp_kinds.push(entity.kind.as_str().to_string());
+        fp_keys.push(entity.key.clone());
+        if !matches!(outcome, Outcome::Done { .. }) {
+            fps.push(None);
+        }
         match outcome {
             Outcome::Done { fingerprint } => {
                 done_ids.extend(entity.ids());
-                if let Some(fp) = fingerprint {
-                    fp_kinds.push(entity.kind.as_str().to_string());
-                    fp_keys.push(entity.key.clone());
-                    fps.push(fp.clone());
-                }
+                fps.push(fingerprint.clone());
             }
             Outcome::Retry {
                 error,
@@ -383,71 +346,57 @@ pub async fn complete(
             }
         }
     }
-    let mut tx = pool.begin().await?;
-    if !done_ids.is_empty() {
-        sqlx::query(
-            "update fusionsync.event
-                set state = 'done', processed_at = now(), updated_at = now(),
-                    locked_by = null, locked_until = null, last_error = null
-              where id = any($1) and state = 'processing' and locked_by = $2",
-        )
-        .bind(&done_ids)
-        .bind(worker_id)
-        .execute(&mut *tx)
-        .await?;
-    }
-    if !fps.is_empty() {
-        sqlx::query(
-            "update fusionsync.entity en set fingerprint = t.fp, synced_at = now()
-               from unnest($1::text[], $2::text[], $3::text[]) as t(k, key, fp)
-              where en.entity_kind = t.k and en.entity_key = t.key and en.locked_by = $4",
-        )
-        .bind(&fp_kinds)
-        .bind(&fp_keys)
-        .bind(&fps)
-        .bind(worker_id)
-        .execute(&mut *tx)
-        .await?;
-    }
-    if !retry_ids.is_empty() {
-        sqlx::query(
-            "update fusionsync.event e
-                set state = 'pending', locked_by = null, locked_until = null, updated_at = now(),
-                    next_attempt_at = now() + make_interval(secs => t.ms::float8 / 1000),
-                    last_error = t.err,
-                    attempts = case when t.counts then e.attempts else greatest(e.attempts - 1, 0) end
-               from unnest($1::bigint[], $2::bigint[], $3::text[], $4::bool[]) as t(id, ms, err, counts)
-              where e.id = t.id and e.state = 'processing' and e.locked_by = $5",
-        )
-        .bind(&retry_ids)
-        .bind(&retry_delays)
-        .bind(&retry_errors)
-        .bind(&retry_counts)
-        .bind(worker_id)
-        .execute(&mut *tx)
-        .await?;
-    }
-    if !failed_ids.is_empty() {
-        sqlx::query(
-            "with f as (
-                update fusionsync.event e
-                   set state = 'failed', locked_by = null, locked_until = null, updated_at = now(),
-                       last_error = t.err
-                  from unnest($1::bigint[], $2::text[]) as t(id, err)
-                 where e.id = t.id and e.state = 'processing' and e.locked_by = $3
-             returning e.id, e.attempts, e.last_error)
-             insert into fusionsync.event_history (event_id, action, state, attempts, last_error)
-             select id, 'failed', 'failed', attempts, last_error from f",
-        )
-        .bind(&failed_ids)
-        .bind(&failed_errors)
-        .bind(worker_id)
-        .execute(&mut *tx)
-        .await?;
-    }
-    let entities: Vec<&ClaimedEntity> = results.iter().map(|(e, _)| e).collect();
-    release_in(&mut tx, worker_id, &entities).await?;
-    tx.commit().await?;
+    sqlx::query(
+        "with done as (
+            update fusionsync.event
+               set state = 'done', processed_at = now(), updated_at = now(),
+                   locked_by = null, locked_until = null, last_error = null
+             where id = any($1) and state = 'processing' and locked_by = $2
+            returning id),
+         retried as (
+            update fusionsync.event e
+               set state = 'pending', locked_by = null, locked_until = null, updated_at = now(),
+                   next_attempt_at = now() + make_interval(secs => t.ms::float8 / 1000),
+                   last_error = t.err,
+                   attempts = case when t.counts then e.attempts else greatest(e.attempts - 1, 0) end
+              from unnest($3::bigint[], $4::bigint[], $5::text[], $6::bool[]) as t(id, ms, err, counts)
+             where e.id = t.id and e.state = 'processing' and e.locked_by = $2
+            returning e.id),
+         failed as (
+            update fusionsync.event e
+               set state = 'failed', locked_by = null, locked_until = null, updated_at = now(),
+                   last_error = t.err
+              from unnest($7::bigint[], $8::text[]) as t(id, err)
+             where e.id = t.id and e.state = 'processing' and e.locked_by = $2
+            returning e.id, e.attempts, e.last_error),
+         history as (
+            insert into fusionsync.event_history (event_id, action, state, attempts, last_error)
+            select id, 'failed', 'failed', attempts, last_error from failed),
+         -- store the new fingerprints and give the leases back
+         released as (
+            update fusionsync.entity en
+               set locked_by = null, locked_until = '-infinity',
+                   fingerprint = coalesce(t.fp, en.fingerprint),
+                   synced_at = case when t.fp is null then en.synced_at else now() end
+              from unnest($9::text[], $10::text[], $11::text[]) as t(k, key, fp)
+             where en.entity_kind = t.k and en.entity_key = t.key and en.locked_by = $2
+            returning 1)
+         select (select count(*) from done), (select count(*) from retried),
+                (select count(*) from failed), (select count(*) from released)",
+    )
+    .bind(&done_ids)
+    .bind(worker_id)
+    .bind(&retry_ids)
+    .bind(&retry_delays)
+    .bind(&retry_errors)
+    .bind(&retry_counts)
+    .bind(&failed_ids)
+    .bind(&failed_errors)
+    .bind(&fp_kinds)
+    .bind(&fp_keys)
+    .bind(&fps)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 

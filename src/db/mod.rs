@@ -25,7 +25,23 @@ pub fn connect_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
 /// A lazily connecting pool: start-up does not fail because the database is briefly away;
 /// the first query says so instead.
 pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
-    let options = connect_options(settings.url.expose())?;
+    pool_with(settings, false)
+}
+
+/// The workers' pool: its commits do not wait for the WAL flush (`synchronous_commit = off`).
+/// If the server crashes right after such a commit, a claim is lost (a lease nobody holds) or
+/// an outcome is lost (the reconcile runs again) — harmless, since reconciling is idempotent,
+/// and WAL order means a later durable commit implies these are durable too. Recording events
+/// (the HTTP sources, the triggers in the app's own transactions) stays fully durable.
+pub fn worker_pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
+    pool_with(settings, true)
+}
+
+fn pool_with(settings: &DatabaseSettings, relaxed: bool) -> Result<PgPool, sqlx::Error> {
+    let mut options = connect_options(settings.url.expose())?;
+    if relaxed {
+        options = options.options([("synchronous_commit", "off")]);
+    }
     Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .min_connections(0)

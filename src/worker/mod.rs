@@ -9,6 +9,7 @@ pub mod retry;
 pub mod users;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -205,6 +206,7 @@ impl Worker {
         let concurrency = ctx.cfg.worker.concurrency;
         let sem = Arc::new(Semaphore::new(concurrency));
         let freed = Arc::new(Notify::new());
+        let outstanding = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = mpsc::unbounded_channel::<(ClaimedEntity, Outcome)>();
         let completer = tokio::spawn(completer(ctx.clone(), worker_id.clone(), rx));
         let mut tick = tokio::time::interval(ctx.cfg.worker.poll_interval);
@@ -223,18 +225,19 @@ impl Worker {
                     Err(e) => debug!(error = %e, "could not check for expired leases"),
                 }
             }
-            // Claim while there is capacity and work.
+            // Claim while there is room and work. Claimed entities queue for a permit (at most
+            // `concurrency` reconcile at once); keeping about two rounds queued keeps claims
+            // large (cheap) and the pipeline full.
             loop {
                 if cancel.is_cancelled() {
                     break 'outer;
                 }
-                let avail = sem.available_permits();
-                if avail == 0 {
+                let queued = outstanding.load(Ordering::SeqCst);
+                let room = (concurrency * 3).saturating_sub(queued);
+                if room == 0 || queued > concurrency * 2 {
                     break;
                 }
-                let limit = ctx
-                    .breaker
-                    .claim_limit(avail.min(ctx.cfg.worker.batch_size));
+                let limit = ctx.breaker.claim_limit(ctx.cfg.worker.batch_size.min(room));
                 if limit == 0 {
                     break;
                 }
@@ -254,18 +257,21 @@ impl Worker {
                 }
                 let n = claimed.len();
                 let rows = Arc::new(prefetch(&ctx, &claimed).await);
+                outstanding.fetch_add(n, Ordering::SeqCst);
                 for entity in claimed {
-                    let Ok(permit) = sem.clone().acquire_owned().await else {
-                        break 'outer;
-                    };
                     let ctx = ctx.clone();
                     let tx = tx.clone();
                     let freed = freed.clone();
                     let rows = rows.clone();
+                    let sem = sem.clone();
+                    let outstanding = outstanding.clone();
                     tokio::spawn(async move {
+                        // The semaphore is never closed, so acquiring cannot fail.
+                        let permit = sem.acquire_owned().await;
                         let outcome = process_entity(&ctx, &entity, &rows).await;
                         let _ = tx.send((entity, outcome));
                         drop(permit);
+                        outstanding.fetch_sub(1, Ordering::SeqCst);
                         freed.notify_one();
                     });
                 }
@@ -285,9 +291,12 @@ impl Worker {
 
         // Shutdown: no more claims; wait for in-flight work, bounded.
         info!(worker = %worker_id, "worker stopping: finishing in-flight work");
-        let all = u32::try_from(concurrency).unwrap_or(u32::MAX);
-        let finished =
-            tokio::time::timeout(ctx.cfg.worker.shutdown_timeout, sem.acquire_many(all)).await;
+        let finished = tokio::time::timeout(ctx.cfg.worker.shutdown_timeout, async {
+            while outstanding.load(Ordering::SeqCst) > 0 {
+                freed.notified().await;
+            }
+        })
+        .await;
         if finished.is_err() {
             warn!(
                 timeout = ?ctx.cfg.worker.shutdown_timeout,

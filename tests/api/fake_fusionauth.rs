@@ -29,6 +29,7 @@ pub const API_KEY: &str = "test-api-key-7f3a";
 
 #[derive(Clone, Debug)]
 pub struct Recorded {
+    pub at: std::time::Instant,
     pub method: String,
     pub path: String,
     pub query: String,
@@ -76,6 +77,9 @@ pub struct Data {
     /// how many times each user id was created (a duplicate create is a bug)
     pub creates: HashMap<Uuid, usize>,
     pub group_creates: HashMap<Uuid, usize>,
+    /// lower-case email → user id, so uniqueness checks stay cheap with many users (a hit is
+    /// verified against the user, so users removed or edited directly are handled).
+    pub emails: HashMap<String, Uuid>,
 }
 
 pub struct FakeState {
@@ -275,7 +279,9 @@ impl FakeFusionAuth {
             .entry("active")
             .or_insert(json!(true));
         u["insertInstant"] = json!(now_ms());
-        self.data().users.insert(id, u);
+        let mut d = self.data();
+        index_email(&mut d, id, &u);
+        d.users.insert(id, u);
         id
     }
 
@@ -405,6 +411,7 @@ async fn gate(
     let _guard = {
         let mut d = st.data.lock().unwrap();
         d.log.push(Recorded {
+            at: std::time::Instant::now(),
             method: parts.method.to_string(),
             path: parts.uri.path().to_string(),
             query: parts.uri.query().unwrap_or("").to_string(),
@@ -491,13 +498,21 @@ fn body_json(bytes: &Bytes) -> Value {
 
 fn email_taken(d: &Data, email: &str, except: &Uuid) -> bool {
     let e = email.to_lowercase();
-    d.users.iter().any(|(id, u)| {
-        id != except
-            && u.get("email")
-                .and_then(Value::as_str)
-                .map(str::to_lowercase)
-                == Some(e.clone())
-    })
+    match d.emails.get(&e) {
+        Some(id) if id != except => d
+            .users
+            .get(id)
+            .and_then(|u| u.get("email"))
+            .and_then(Value::as_str)
+            .is_some_and(|x| x.to_lowercase() == e),
+        _ => false,
+    }
+}
+
+fn index_email(d: &mut Data, id: Uuid, user: &Value) {
+    if let Some(e) = user.get("email").and_then(Value::as_str) {
+        d.emails.insert(e.to_lowercase(), id);
+    }
 }
 
 fn username_taken(d: &Data, username: &str, except: &Uuid) -> bool {
@@ -623,6 +638,7 @@ fn do_create_user(
     if let Some(reg) = registration {
         obj.insert("registrations".into(), json!([{ "applicationId": reg.get("applicationId"), "roles": reg.get("roles").cloned().unwrap_or(json!([])), "id": Uuid::new_v4().to_string() }]));
     }
+    index_email(&mut d, id, &u);
     d.users.insert(id, u.clone());
     *d.creates.entry(id).or_insert(0) += 1;
     (StatusCode::OK, Json(json!({ "user": u }))).into_response()
@@ -714,6 +730,7 @@ async fn put_user(
             obj.insert(keep.into(), v.clone());
         }
     }
+    index_email(&mut d, id, &u);
     d.users.insert(id, u.clone());
     Json(json!({ "user": u })).into_response()
 }
@@ -756,6 +773,7 @@ async fn patch_user(
     if let Err(e) = validate_user(&d, &id, &merged) {
         return e;
     }
+    index_email(&mut d, id, &merged);
     d.users.insert(id, merged.clone());
     Json(json!({ "user": merged })).into_response()
 }
