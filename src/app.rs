@@ -151,6 +151,7 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> anyhow::Result<Run
             metrics: metrics.clone(),
             listening: cfg.worker.enabled.then(|| listening.clone()),
             jwks: Arc::new(JwksCache::new(cfg.webhook.jwks_url.clone())),
+            ingest: crate::http::ingest::Ingest::start(pool.clone()),
         };
         let listener = tokio::net::TcpListener::bind(cfg.http.listen)
             .await

@@ -115,6 +115,38 @@ pub async fn insert_events_in(
     Ok(res.rows_affected())
 }
 
+/// Records events in one statement and one durable commit, waking the workers; returns the
+/// dedup keys that were new (events without a dedup key are always new).
+pub async fn insert_events_returning(
+    pool: &PgPool,
+    events: &[NewEvent],
+) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let keys: Vec<Option<String>> = sqlx::query_scalar(
+        "insert into fusionsync.event
+             (source, entity_kind, entity_key, direction, op, payload, dedup_key)
+         select s, k, key, d, o, nullif(p, 'null'::jsonb), dk
+         from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::text[])
+              as t(s, k, key, d, o, p, dk)
+         on conflict (dedup_key) where dedup_key is not null do nothing
+         returning dedup_key",
+    )
+    .bind(events.iter().map(|e| e.source.clone()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.kind.as_str().to_string()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.key.clone()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.direction.as_str().to_string()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.op.clone()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.payload.clone().unwrap_or(Value::Null)).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.dedup_key.clone()).collect::<Vec<_>>())
+    .fetch_all(&mut *tx)
+    .await?;
+    if !keys.is_empty() {
+        notify(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(keys.into_iter().flatten().collect())
+}
+
 pub async fn notify<'e, E: sqlx::PgExecutor<'e>>(executor: E) -> Result<(), sqlx::Error> {
     sqlx::query("select pg_notify($1, '')")
         .bind(CHANNEL)

@@ -50,8 +50,8 @@ impl ApiError {
 
     /// A database failure: 503 with Retry-After when the database is unreachable (the
     /// sender retries), 500 otherwise.
-    pub fn database(e: sqlx::Error) -> Self {
-        if crate::db::is_unavailable(&e) {
+    pub fn database(e: &sqlx::Error) -> Self {
+        if crate::db::is_unavailable(e) {
             warn!(error = %e, "database unavailable; asking the sender to retry");
             let mut err = Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -13,7 +13,7 @@ use tracing::{debug, warn};
 use super::hasura::type_name;
 use super::{parse_json, read_body, require_json, secret_matches, signature, ApiError, AppState};
 use crate::config::MembershipMode;
-use crate::db::event::{insert_events, Direction, EntityKind, NewEvent};
+use crate::db::event::{Direction, EntityKind, NewEvent};
 
 /// What a webhook body asks fusionsync to do.
 #[derive(Debug, PartialEq)]
@@ -263,11 +263,14 @@ pub async fn receive(
         }
         WebhookAction::Record(event) => {
             let kind = event.kind.as_str();
-            let n = insert_events(&state.pool, std::slice::from_ref(&event))
+            let (op, key) = (event.op.clone(), event.key.clone());
+            let n = state
+                .ingest
+                .record(vec![event])
                 .await
-                .map_err(ApiError::database)?;
+                .map_err(|e| ApiError::database(&e))?;
             state.metrics.recorded("fusionauth", kind, n);
-            debug!(event = %event.op, key = %event.key, recorded = n, "recorded FusionAuth event");
+            debug!(event = %op, key = %key, recorded = n, "recorded FusionAuth event");
             Ok(Json(json!({
                 "status": if n == 0 { "duplicate" } else { "recorded" },
                 "recorded": n,

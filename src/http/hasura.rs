@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use tracing::debug;
 
 use super::{parse_json, read_body, require_json, secret_matches, ApiError, AppState};
-use crate::db::event::{insert_events, Direction, EntityKind, NewEvent};
+use crate::db::event::{Direction, EntityKind, NewEvent};
 
 const OPS: &[&str] = &["INSERT", "UPDATE", "DELETE", "MANUAL"];
 
@@ -301,9 +301,11 @@ pub async fn receive(
     let ev = parse_event(&value)?;
     let events = to_events(&state, &ev)?;
     let kind = events[0].kind.as_str();
-    let n = insert_events(&state.pool, &events)
+    let n = state
+        .ingest
+        .record(events)
         .await
-        .map_err(ApiError::database)?;
+        .map_err(|e| ApiError::database(&e))?;
     state.metrics.recorded("hasura", kind, n);
     debug!(hasura_event = %ev.id, op = %ev.op, table = %ev.table, recorded = n, "recorded Hasura event");
     Ok(Json(json!({

@@ -6,6 +6,7 @@ pub mod error;
 pub mod fusionauth_webhook;
 pub mod hasura;
 pub mod health;
+pub mod ingest;
 pub mod signature;
 
 use std::sync::atomic::AtomicBool;
@@ -32,6 +33,7 @@ pub struct AppState {
     /// Whether the LISTEN connection is up (for /readyz); None when no worker runs here.
     pub listening: Option<Arc<AtomicBool>>,
     pub jwks: Arc<signature::JwksCache>,
+    pub ingest: ingest::Ingest,
 }
 
 pub fn router(state: AppState) -> Router {
