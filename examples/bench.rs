@@ -428,7 +428,7 @@ async fn graphile(n: usize) -> Result<(f64, f64), String> {
         let st = std::process::Command::new("npm")
             .args(["install", "--silent", "--no-audit", "--no-fund", "--prefix"])
             .arg(&cache)
-            .arg("graphile-worker@0.16")
+            .arg("graphile-worker@0.18")
             .stdout(Stdio::null())
             .status()
             .map_err(|e| e.to_string())?;
@@ -436,15 +436,16 @@ async fn graphile(n: usize) -> Result<(f64, f64), String> {
             return Err("npm install graphile-worker failed".into());
         }
     }
+    // ES modules resolve packages next to the script: run a copy inside the cache folder.
+    std::fs::copy(root.join("drain.mjs"), cache.join("drain.mjs")).map_err(|e| e.to_string())?;
     let mut results = Vec::new();
     for mode in ["default", "batched"] {
         let db = fresh_db("").await;
         let out = tokio::process::Command::new(&node)
-            .arg(root.join("drain.mjs"))
+            .arg(cache.join("drain.mjs"))
             .env("DATABASE_URL", &db.url)
             .env("JOBS", n.to_string())
             .env("MODE", mode)
-            .env("NODE_PATH", cache.join("node_modules"))
             .current_dir(&cache)
             .output()
             .await

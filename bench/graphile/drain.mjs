@@ -23,7 +23,7 @@ const runner = await run({
   concurrency: 10,
   noHandleSignals: true,
   pollInterval: 1000,
-  ...(batched ? { preset: { worker: { getJobBatchSize: 100, completeJobBatchDelay: 1, failJobBatchDelay: 1, localQueue: { size: 500 } } } } : {}),
+  ...(batched ? { preset: { worker: { localQueue: { size: 500 }, completeJobBatchDelay: 1, failJobBatchDelay: 1 } } } : {}),
   taskList: {
     noop: async () => {
       done += 1;
