@@ -1,4 +1,5 @@
 //! The `fusionsync` binary: parse the command line, then hand over to the library.
+#![forbid(unsafe_code)]
 
 use clap::Parser;
 

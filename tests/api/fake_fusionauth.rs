@@ -173,6 +173,8 @@ impl FakeFusionAuth {
                     .delete(delete_group),
             )
             .layer(axum::middleware::from_fn_with_state(state.clone(), gate))
+            // Public keys, as FusionAuth publishes them (no API key needed).
+            .route("/.well-known/jwks.json", get(jwks))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -486,6 +488,17 @@ async fn gate(
         return std::future::pending().await;
     }
     resp
+}
+
+/// The test key pair's public half (tests/fixtures/keys), like FusionAuth's Key Master keys.
+async fn jwks(State(st): State<Arc<FakeState>>) -> Response {
+    st.requests.fetch_add(1, Ordering::SeqCst);
+    let path = format!(
+        "{}/tests/fixtures/keys/webhook-test-jwks.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let body: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    Json(body).into_response()
 }
 
 fn parse_id(id: &str, field: &str) -> Result<Uuid, Response> {

@@ -694,3 +694,100 @@ async fn health_readiness_and_metrics() {
     assert_eq!(nf.status(), 404);
     app.finish().await;
 }
+
+/// A webhook signed with an RSA key from FusionAuth's Key Master, verified through the JWKS.
+fn sign_rs256(body: &[u8], kid: &str) -> String {
+    let pem = std::fs::read(format!(
+        "{}/tests/fixtures/keys/webhook-test-rsa.pem",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let claims = json!({"request_body_sha256": fusionsync::http::signature::body_sha256(body), "iat": chrono::Utc::now().timestamp()});
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some(kid.into());
+    jsonwebtoken::encode(
+        &header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn rsa_signed_webhooks_are_verified_through_the_jwks_together_with_basic_auth() {
+    let fa = FakeFusionAuth::start().await;
+    let jwks = format!("{}/.well-known/jwks.json", fa.url());
+    let db = TestDb::new().await;
+    let app = TestApp::spawn_on(db, fa, |env| {
+        env.remove("FUSIONSYNC__WEBHOOK__HMAC_SECRET");
+        env.insert("FUSIONSYNC__WEBHOOK__JWKS_URL".into(), jwks.clone());
+        env.insert(
+            "FUSIONSYNC__WEBHOOK__BASIC_USERNAME".into(),
+            "fusionauth".into(),
+        );
+        env.insert("FUSIONSYNC__WEBHOOK__BASIC_PASSWORD".into(), "pa:ss".into());
+        env.insert("FUSIONSYNC__WORKER__ENABLED".into(), "false".into());
+    })
+    .await;
+    let url = app.url("/fusionauth/webhook");
+    let body = json!({"event": {"type": "user.update", "id": Uuid::new_v4(), "user": {"id": Uuid::new_v4()}}});
+    let raw = serde_json::to_vec(&body).unwrap();
+    let post = |sig: String, auth: Option<(&str, &str)>, raw: Vec<u8>| {
+        let mut r = app
+            .http
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("X-FusionAuth-Signature-JWT", sig)
+            .body(raw);
+        if let Some((u, p)) = auth {
+            r = r.basic_auth(u, Some(p));
+        }
+        r.send()
+    };
+    let good = sign_rs256(&raw, "webhook-test-key");
+    assert_eq!(
+        post(good.clone(), None, raw.clone())
+            .await
+            .unwrap()
+            .status(),
+        401,
+        "basic auth is also required"
+    );
+    assert_eq!(
+        post(good.clone(), Some(("fusionauth", "wrong")), raw.clone())
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let unknown_kid = post(
+        sign_rs256(&raw, "other-key"),
+        Some(("fusionauth", "pa:ss")),
+        raw.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(unknown_kid.status(), 401);
+    let b: Value = unknown_kid.json().await.unwrap();
+    assert!(b["message"].as_str().unwrap().contains("other-key"), "{b}");
+    let forged = sign_webhook(&raw, "guess"); // HS256 with no HMAC key configured
+    assert_eq!(
+        post(forged, Some(("fusionauth", "pa:ss")), raw.clone())
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        post(good, Some(("fusionauth", "pa:ss")), raw.clone())
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        app.db.count("select count(*) from fusionsync.event").await,
+        1
+    );
+    app.finish().await;
+}
