@@ -105,18 +105,7 @@ impl FusionAuthClient {
                 if let Some(m) = &self.metrics {
                     m.fusionauth_request(endpoint, method.as_str(), "error", elapsed);
                 }
-                return Err(if e.is_timeout() {
-                    FusionAuthError::Timeout {
-                        method: method.to_string(),
-                        path: path.to_string(),
-                    }
-                } else {
-                    FusionAuthError::Transport {
-                        method: method.to_string(),
-                        path: path.to_string(),
-                        message: error_chain(&e),
-                    }
-                });
+                return Err(transport_error(method, path, &e));
             }
         };
         let status = resp.status();
@@ -129,20 +118,10 @@ impl FusionAuthClient {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        let bytes = resp.bytes().await.map_err(|e| {
-            if e.is_timeout() {
-                FusionAuthError::Timeout {
-                    method: method.to_string(),
-                    path: path.to_string(),
-                }
-            } else {
-                FusionAuthError::Transport {
-                    method: method.to_string(),
-                    path: path.to_string(),
-                    message: error_chain(&e),
-                }
-            }
-        })?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| transport_error(method, path, &e))?;
         if status.is_success() || status == StatusCode::NOT_FOUND {
             return Ok((status, bytes));
         }
@@ -488,6 +467,22 @@ impl FusionAuthClient {
         self.send(Method::DELETE, path, path, &[], Some(&body))
             .await?;
         Ok(())
+    }
+}
+
+/// A request that got no (complete) answer.
+fn transport_error(method: &Method, path: &str, e: &reqwest::Error) -> FusionAuthError {
+    if e.is_timeout() {
+        FusionAuthError::Timeout {
+            method: method.to_string(),
+            path: path.to_string(),
+        }
+    } else {
+        FusionAuthError::Transport {
+            method: method.to_string(),
+            path: path.to_string(),
+            message: error_chain(e),
+        }
     }
 }
 

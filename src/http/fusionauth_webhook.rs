@@ -262,19 +262,8 @@ pub async fn receive(
             Ok(Json(json!({ "status": "ignored", "reason": reason })))
         }
         WebhookAction::Record(event) => {
-            let kind = event.kind.as_str();
-            let (op, key) = (event.op.clone(), event.key.clone());
-            let n = state
-                .ingest
-                .record(vec![event])
-                .await
-                .map_err(|e| ApiError::database(&e))?;
-            state.metrics.recorded("fusionauth", kind, n);
-            debug!(event = %op, key = %key, recorded = n, "recorded FusionAuth event");
-            Ok(Json(json!({
-                "status": if n == 0 { "duplicate" } else { "recorded" },
-                "recorded": n,
-            })))
+            debug!(event = %event.op, key = %event.key, "recording FusionAuth event");
+            super::record(&state, "fusionauth", vec![event]).await
         }
     }
 }

@@ -300,18 +300,8 @@ pub async fn receive(
     let value = parse_json(&bytes)?;
     let ev = parse_event(&value)?;
     let events = to_events(&state, &ev)?;
-    let kind = events[0].kind.as_str();
-    let n = state
-        .ingest
-        .record(events)
-        .await
-        .map_err(|e| ApiError::database(&e))?;
-    state.metrics.recorded("hasura", kind, n);
-    debug!(hasura_event = %ev.id, op = %ev.op, table = %ev.table, recorded = n, "recorded Hasura event");
-    Ok(Json(json!({
-        "status": if n == 0 { "duplicate" } else { "recorded" },
-        "recorded": n,
-    })))
+    debug!(hasura_event = %ev.id, op = %ev.op, table = %ev.table, "recording Hasura event");
+    super::record(&state, "hasura", events).await
 }
 
 #[cfg(test)]

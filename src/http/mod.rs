@@ -94,6 +94,25 @@ pub async fn read_body(
     }
 }
 
+/// Records a source's events (group-committed) and answers with what happened.
+pub async fn record(
+    state: &AppState,
+    source: &str,
+    events: Vec<crate::db::event::NewEvent>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let kind = events.first().map(|e| e.kind.as_str()).unwrap_or("none");
+    let n = state
+        .ingest
+        .record(events)
+        .await
+        .map_err(|e| ApiError::database(&e))?;
+    state.metrics.recorded(source, kind, n);
+    Ok(axum::Json(serde_json::json!({
+        "status": if n == 0 { "duplicate" } else { "recorded" },
+        "recorded": n,
+    })))
+}
+
 /// Refuses content types other than JSON (a missing one is tolerated).
 pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     match headers
