@@ -256,25 +256,36 @@ impl Worker {
                     break;
                 }
                 let n = claimed.len();
-                let rows = Arc::new(prefetch(&ctx, &claimed).await);
                 outstanding.fetch_add(n, Ordering::SeqCst);
-                for entity in claimed {
-                    let ctx = ctx.clone();
-                    let tx = tx.clone();
-                    let freed = freed.clone();
-                    let rows = rows.clone();
-                    let sem = sem.clone();
-                    let outstanding = outstanding.clone();
-                    tokio::spawn(async move {
-                        // The semaphore is never closed, so acquiring cannot fail.
-                        let permit = sem.acquire_owned().await;
-                        let outcome = process_entity(&ctx, &entity, &rows).await;
-                        let _ = tx.send((entity, outcome));
-                        drop(permit);
-                        outstanding.fetch_sub(1, Ordering::SeqCst);
-                        freed.notify_one();
-                    });
-                }
+                // Reading the batch's rows happens off the claim loop, so the next claim can go
+                // out while this one's rows are read.
+                let (ctx2, tx2, freed2, sem2, outstanding2) = (
+                    ctx.clone(),
+                    tx.clone(),
+                    freed.clone(),
+                    sem.clone(),
+                    outstanding.clone(),
+                );
+                tokio::spawn(async move {
+                    let rows = Arc::new(prefetch(&ctx2, &claimed).await);
+                    for entity in claimed {
+                        let ctx = ctx2.clone();
+                        let tx = tx2.clone();
+                        let freed = freed2.clone();
+                        let rows = rows.clone();
+                        let sem = sem2.clone();
+                        let outstanding = outstanding2.clone();
+                        tokio::spawn(async move {
+                            // The semaphore is never closed, so acquiring cannot fail.
+                            let permit = sem.acquire_owned().await;
+                            let outcome = process_entity(&ctx, &entity, &rows).await;
+                            let _ = tx.send((entity, outcome));
+                            drop(permit);
+                            outstanding.fetch_sub(1, Ordering::SeqCst);
+                            freed.notify_one();
+                        });
+                    }
+                });
                 if n < limit {
                     break;
                 }
