@@ -53,6 +53,9 @@ pub async fn prepare_tables(pool: &PgPool, cfg: &Config) -> anyhow::Result<AppTa
     let tables = AppTables::resolve(pool, cfg).await.map_err(|e| {
         anyhow::anyhow!("the configured app tables do not match the database:\n{e}")
     })?;
+    for note in &tables.notes {
+        warn!("{note}");
+    }
     tables
         .install_triggers(pool, cfg.sources.postgres_triggers)
         .await
@@ -69,6 +72,9 @@ async fn tables_for_run(pool: &PgPool, cfg: &Config) -> anyhow::Result<AppTables
     let tables = AppTables::resolve(pool, cfg).await.map_err(|e| {
         anyhow::anyhow!("the configured app tables do not match the database:\n{e}")
     })?;
+    for note in &tables.notes {
+        warn!("{note}");
+    }
     if cfg.sources.postgres_triggers {
         let missing = tables.missing_triggers(pool).await?;
         if !missing.is_empty() {

@@ -214,6 +214,9 @@ pub struct RetrySettings {
 pub struct UserColumns {
     pub id: String,
     pub fields: BTreeMap<String, String>,
+    /// The fields whose column was set in the config (a missing default column is skipped
+    /// with a warning; a missing configured one is an error).
+    pub explicit: BTreeSet<String>,
 }
 
 /// The FusionAuth user fields that can be mapped to a column, with their default column.
@@ -257,6 +260,9 @@ pub struct OrganizationsSettings {
     /// Extra columns copied into the group's `data` (under their column name).
     pub data_columns: Vec<String>,
     pub group_name_template: String,
+    /// Whether any organizations.* key was set (then a missing table is an error, not a
+    /// warning that turns organization sync off).
+    pub explicit: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -268,6 +274,8 @@ pub struct MembershipsSettings {
     pub role_column: Option<String>,
     pub data_columns: Vec<String>,
     pub mode: MembershipMode,
+    /// Whether any memberships.* key was set.
+    pub explicit: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -881,6 +889,15 @@ impl Config {
         let users_table = r.table("users.table", "public.users");
         let id_column = r.column("users.id_column", "id");
         let mut fields = BTreeMap::new();
+        let mut explicit_fields = BTreeSet::new();
+        for key in &all_keys {
+            if let Some(f) = key.strip_prefix("users.columns.") {
+                if let Some((name, _)) = USER_FIELDS.iter().find(|(n, _)| n.eq_ignore_ascii_case(f))
+                {
+                    explicit_fields.insert(name.to_string());
+                }
+            }
+        }
         for (field, default_col) in USER_FIELDS {
             let key = format!("users.columns.{field}");
             let explicit = r.raw(&key);
@@ -940,6 +957,7 @@ impl Config {
             columns: UserColumns {
                 id: id_column,
                 fields,
+                explicit: explicit_fields,
             },
             on_fusionauth_delete: r.one_of(
                 "users.on_fusionauth_delete",
@@ -963,6 +981,7 @@ impl Config {
                 _ => vec!["slug".to_string(), "data".to_string()],
             },
             group_name_template: r.string("organizations.group_name_template", "{name}"),
+            explicit: all_keys.iter().any(|k| k.starts_with("organizations.")),
         };
         if !organizations.group_name_template.contains("{name}")
             && !organizations.group_name_template.contains("{id}")
@@ -1002,6 +1021,7 @@ impl Config {
                     ("two_way", MembershipMode::TwoWay),
                 ],
             ),
+            explicit: all_keys.iter().any(|k| k.starts_with("memberships.")),
         };
         if memberships.enabled && !organizations.enabled {
             r.problem(

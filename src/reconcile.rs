@@ -263,8 +263,8 @@ async fn orgs(
                 let want = desired_members(
                     &member_rows,
                     &m.user_column,
-                    m.role_column.as_deref(),
-                    &m.data_columns,
+                    ctx.tables.member_role_column.as_deref(),
+                    &ctx.tables.member_data_columns,
                 );
                 let have = actual_members(&ctx.fa.group_members(&gid, page).await?);
                 let d = diff(&want, &have);

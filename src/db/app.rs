@@ -42,7 +42,13 @@ pub struct AppTables {
     /// FusionAuth field → column, only the mapped ones.
     pub user_fields: Vec<(String, String)>,
     pub organizations: Option<Table>,
+    /// Organization columns copied into the group's data (those that exist).
+    pub org_data_columns: Vec<String>,
     pub members: Option<MembersTable>,
+    pub member_role_column: Option<String>,
+    pub member_data_columns: Vec<String>,
+    /// What was left out because a *default* table or column does not exist (logged at start).
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,122 +94,186 @@ async fn column_types(
 }
 
 impl AppTables {
-    /// Checks every configured table and column against the catalog; reports all problems.
+    /// Checks every configured table and column against the catalog and reports all problems.
+    /// A table or column the config names explicitly must exist; one that is only a default
+    /// (the DESIGN schema) and does not exist is left out with a note, so an app without
+    /// organizations, or without a `username` column, runs without configuring that away.
     pub async fn resolve(pool: &PgPool, cfg: &Config) -> Result<Self, AppTablesError> {
         let mut problems = Vec::new();
-        let mut check = |table: &TableName,
-                         key: &str,
-                         cols: &Option<HashMap<String, String>>,
-                         wanted: &[(&str, &str)]| {
-            match cols {
-                None => problems.push(format!(
-                    "{key}: table {table} does not exist (create it, or set {key} to the right schema.table)"
-                )),
-                Some(cols) => {
-                    for (col_key, col) in wanted {
-                        if !cols.contains_key(*col) {
+        let mut notes = Vec::new();
+
+        // users: the table is always required
+        let u = &cfg.users;
+        let Some(ucols) = column_types(pool, &u.table).await? else {
+            return Err(AppTablesError::Invalid(vec![format!(
+                "users.table: table {} does not exist (create it, or set users.table to the right schema.table)",
+                u.table
+            )]));
+        };
+        if !ucols.contains_key(&u.columns.id) {
+            problems.push(format!(
+                "users.id_column: column '{}' does not exist in table {}",
+                u.columns.id, u.table
+            ));
+        }
+        let mut user_fields = Vec::new();
+        for (field, col) in &u.columns.fields {
+            if ucols.contains_key(col) {
+                user_fields.push((field.clone(), col.clone()));
+            } else if u.columns.explicit.contains(field) {
+                problems.push(format!(
+                    "users.columns.{field}: column '{col}' does not exist in table {}",
+                    u.table
+                ));
+            } else {
+                notes.push(format!(
+                    "{}: no column '{col}', so FusionAuth's {field} is not synced",
+                    u.table
+                ));
+            }
+        }
+        if !user_fields
+            .iter()
+            .any(|(f, _)| f == "email" || f == "username")
+        {
+            problems.push(format!(
+                "users.columns: table {} has neither the email nor the username column configured; FusionAuth needs one",
+                u.table
+            ));
+        }
+        let users = Table {
+            name: u.table.clone(),
+            quoted: u.table.quoted(),
+            id_column: u.columns.id.clone(),
+            id_type: ucols
+                .get(&u.columns.id)
+                .cloned()
+                .unwrap_or_else(|| "uuid".into()),
+        };
+
+        // organizations: optional unless configured
+        let o = &cfg.organizations;
+        let mut org_data_columns = Vec::new();
+        let organizations = if !o.enabled {
+            None
+        } else {
+            match column_types(pool, &o.table).await? {
+                None if o.explicit => {
+                    problems.push(format!("organizations.table: table {} does not exist (or set organizations.enabled = false)", o.table));
+                    None
+                }
+                None => {
+                    notes.push(format!(
+                        "no table {}: organization and membership sync is off",
+                        o.table
+                    ));
+                    None
+                }
+                Some(ocols) => {
+                    for (key, col) in [
+                        ("organizations.id_column", &o.id_column),
+                        ("organizations.name_column", &o.name_column),
+                    ] {
+                        if !ocols.contains_key(col) {
                             problems.push(format!(
-                                "{col_key}: column '{col}' does not exist in table {table}"
+                                "{key}: column '{col}' does not exist in table {}",
+                                o.table
                             ));
                         }
                     }
+                    for c in &o.data_columns {
+                        if ocols.contains_key(c) {
+                            org_data_columns.push(c.clone());
+                        } else if o.explicit {
+                            problems.push(format!("organizations.data_columns: column '{c}' does not exist in table {}", o.table));
+                        } else {
+                            notes.push(format!(
+                                "{}: no column '{c}' to copy into group data",
+                                o.table
+                            ));
+                        }
+                    }
+                    Some(Table {
+                        name: o.table.clone(),
+                        quoted: o.table.quoted(),
+                        id_column: o.id_column.clone(),
+                        id_type: ocols
+                            .get(&o.id_column)
+                            .cloned()
+                            .unwrap_or_else(|| "uuid".into()),
+                    })
                 }
             }
         };
 
-        let ucols = column_types(pool, &cfg.users.table).await?;
-        let mut wanted: Vec<(String, String)> =
-            vec![("users.id_column".into(), cfg.users.columns.id.clone())];
-        for (field, col) in &cfg.users.columns.fields {
-            wanted.push((format!("users.columns.{field}"), col.clone()));
-        }
-        let wanted_ref: Vec<(&str, &str)> = wanted
-            .iter()
-            .map(|(a, b)| (a.as_str(), b.as_str()))
-            .collect();
-        check(&cfg.users.table, "users.table", &ucols, &wanted_ref);
-        let users = Table {
-            name: cfg.users.table.clone(),
-            quoted: cfg.users.table.quoted(),
-            id_column: cfg.users.columns.id.clone(),
-            id_type: ucols
-                .as_ref()
-                .and_then(|c| c.get(&cfg.users.columns.id).cloned())
-                .unwrap_or_else(|| "uuid".into()),
-        };
-
-        let organizations = if cfg.organizations.enabled {
-            let o = &cfg.organizations;
-            let ocols = column_types(pool, &o.table).await?;
-            let mut wanted = vec![
-                ("organizations.id_column".to_string(), o.id_column.clone()),
-                (
-                    "organizations.name_column".to_string(),
-                    o.name_column.clone(),
-                ),
-            ];
-            for c in &o.data_columns {
-                wanted.push(("organizations.data_columns".into(), c.clone()));
-            }
-            let wanted_ref: Vec<(&str, &str)> = wanted
-                .iter()
-                .map(|(a, b)| (a.as_str(), b.as_str()))
-                .collect();
-            check(&o.table, "organizations.table", &ocols, &wanted_ref);
-            Some(Table {
-                name: o.table.clone(),
-                quoted: o.table.quoted(),
-                id_column: o.id_column.clone(),
-                id_type: ocols
-                    .as_ref()
-                    .and_then(|c| c.get(&o.id_column).cloned())
-                    .unwrap_or_else(|| "uuid".into()),
-            })
-        } else {
+        // memberships: need organizations
+        let m = &cfg.memberships;
+        let mut member_role_column = None;
+        let mut member_data_columns = Vec::new();
+        let members = if !m.enabled || organizations.is_none() {
             None
-        };
-
-        let members = if cfg.memberships.enabled && cfg.organizations.enabled {
-            let m = &cfg.memberships;
-            let mcols = column_types(pool, &m.table).await?;
-            let mut wanted = vec![
-                (
-                    "memberships.organization_column".to_string(),
-                    m.organization_column.clone(),
-                ),
-                ("memberships.user_column".to_string(), m.user_column.clone()),
-            ];
-            if let Some(r) = &m.role_column {
-                wanted.push(("memberships.role_column".into(), r.clone()));
-            }
-            for c in &m.data_columns {
-                wanted.push(("memberships.data_columns".into(), c.clone()));
-            }
-            let wanted_ref: Vec<(&str, &str)> = wanted
-                .iter()
-                .map(|(a, b)| (a.as_str(), b.as_str()))
-                .collect();
-            check(&m.table, "memberships.table", &mcols, &wanted_ref);
-            let ty = |c: &str| {
-                mcols
-                    .as_ref()
-                    .and_then(|cols| cols.get(c).cloned())
-                    .unwrap_or_else(|| "uuid".into())
-            };
-            Some(MembersTable {
-                table: Table {
-                    name: m.table.clone(),
-                    quoted: m.table.quoted(),
-                    id_column: m.organization_column.clone(),
-                    id_type: ty(&m.organization_column),
-                },
-                org_column: m.organization_column.clone(),
-                org_type: ty(&m.organization_column),
-                user_column: m.user_column.clone(),
-                user_type: ty(&m.user_column),
-            })
         } else {
-            None
+            match column_types(pool, &m.table).await? {
+                None if m.explicit => {
+                    problems.push(format!("memberships.table: table {} does not exist (or set memberships.enabled = false)", m.table));
+                    None
+                }
+                None => {
+                    notes.push(format!("no table {}: membership sync is off", m.table));
+                    None
+                }
+                Some(mcols) => {
+                    for (key, col) in [
+                        ("memberships.organization_column", &m.organization_column),
+                        ("memberships.user_column", &m.user_column),
+                    ] {
+                        if !mcols.contains_key(col) {
+                            problems.push(format!(
+                                "{key}: column '{col}' does not exist in table {}",
+                                m.table
+                            ));
+                        }
+                    }
+                    if let Some(r) = &m.role_column {
+                        if mcols.contains_key(r) {
+                            member_role_column = Some(r.clone());
+                        } else if m.explicit {
+                            problems.push(format!(
+                                "memberships.role_column: column '{r}' does not exist in table {}",
+                                m.table
+                            ));
+                        } else {
+                            notes.push(format!(
+                                "{}: no column '{r}', so members carry no role",
+                                m.table
+                            ));
+                        }
+                    }
+                    for c in &m.data_columns {
+                        if mcols.contains_key(c) {
+                            member_data_columns.push(c.clone());
+                        } else {
+                            problems.push(format!(
+                                "memberships.data_columns: column '{c}' does not exist in table {}",
+                                m.table
+                            ));
+                        }
+                    }
+                    let ty = |c: &str| mcols.get(c).cloned().unwrap_or_else(|| "uuid".into());
+                    Some(MembersTable {
+                        table: Table {
+                            name: m.table.clone(),
+                            quoted: m.table.quoted(),
+                            id_column: m.organization_column.clone(),
+                            id_type: ty(&m.organization_column),
+                        },
+                        org_column: m.organization_column.clone(),
+                        org_type: ty(&m.organization_column),
+                        user_column: m.user_column.clone(),
+                        user_type: ty(&m.user_column),
+                    })
+                }
+            }
         };
 
         if !problems.is_empty() {
@@ -211,15 +281,13 @@ impl AppTables {
         }
         Ok(AppTables {
             users,
-            user_fields: cfg
-                .users
-                .columns
-                .fields
-                .iter()
-                .map(|(f, c)| (f.clone(), c.clone()))
-                .collect(),
+            user_fields,
             organizations,
+            org_data_columns,
             members,
+            member_role_column,
+            member_data_columns,
+            notes,
         })
     }
 

@@ -36,8 +36,8 @@ fn desired_from_rows(ctx: &SyncContext, rows: &[serde_json::Value]) -> MemberSet
     desired_members(
         rows,
         &m.user_column,
-        m.role_column.as_deref(),
-        &m.data_columns,
+        ctx.tables.member_role_column.as_deref(),
+        &ctx.tables.member_data_columns,
     )
 }
 
@@ -192,7 +192,6 @@ async fn to_database(
         .await?
         .into_keys()
         .collect();
-    let m = &ctx.cfg.memberships;
     let remove: Vec<String> = table
         .keys()
         .filter(|u| !actual.contains_key(*u))
@@ -204,7 +203,11 @@ async fn to_database(
         .map(|(u, data)| {
             (
                 u.clone(),
-                columns_from_member(data, m.role_column.as_deref(), &m.data_columns),
+                columns_from_member(
+                    data,
+                    ctx.tables.member_role_column.as_deref(),
+                    &ctx.tables.member_data_columns,
+                ),
             )
         })
         .collect();

@@ -28,7 +28,7 @@ pub fn desired(ctx: &SyncContext, id: &Uuid, row: &Value) -> Result<DesiredGroup
         &id.to_string(),
         row,
         &o.name_column,
-        &o.data_columns,
+        &ctx.tables.org_data_columns,
         &o.group_name_template,
     )
     .map_err(|e| SyncError::Permanent(e.to_string()))

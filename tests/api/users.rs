@@ -508,3 +508,48 @@ async fn a_user_created_by_hand_in_fusionauth_is_updated_not_duplicated() {
     assert_eq!(app.db.events_in("failed").await, 0);
     app.finish().await;
 }
+
+#[tokio::test]
+async fn an_app_with_only_a_minimal_users_table_runs_on_defaults() {
+    // No organizations, no memberships, no username or data columns: what is not there is
+    // left out (with a warning), the rest syncs.
+    let db = TestDb::with_schema("create table users (id uuid primary key, email text, first_name text, last_name text, active boolean)").await;
+    let fa = FakeFusionAuth::start().await;
+    let app = TestApp::spawn_on(db, fa, |_| {}).await;
+    let id = Uuid::new_v4();
+    app.db.insert_user(id, "minimal@example.com").await;
+    eventually(Duration::from_secs(10), "the user", || async {
+        app.fa.user(&id).is_some()
+    })
+    .await;
+    app.settle().await;
+    assert_eq!(app.db.events_in("failed").await, 0);
+    app.finish().await;
+
+    // A table or column named in the config must exist.
+    let db = TestDb::with_schema("create table users (id uuid primary key, email text)").await;
+    let mut env = base_env(&db.url, "http://127.0.0.1:1");
+    env.insert(
+        "FUSIONSYNC__ORGANIZATIONS__TABLE".into(),
+        "public.teams".into(),
+    );
+    env.insert(
+        "FUSIONSYNC__USERS__COLUMNS__FIRSTNAME".into(),
+        "given_name".into(),
+    );
+    let err = match fusionsync::app::start(config(&env), tokio_util::sync::CancellationToken::new())
+        .await
+    {
+        Ok(_) => panic!("must refuse"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("organizations.table") && err.contains("public.teams"),
+        "{err}"
+    );
+    assert!(
+        err.contains("users.columns.firstName") && err.contains("given_name"),
+        "{err}"
+    );
+    db.drop_db().await;
+}
