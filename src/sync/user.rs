@@ -184,7 +184,7 @@ pub fn parse_fingerprint(fp: &str) -> Option<SyncedUser<'_>> {
 mod tests {
     use super::*;
 
-    fn fields() -> Vec<(String, String)> {
+    pub(super) fn fields() -> Vec<(String, String)> {
         [
             ("email", "email"),
             ("username", "username"),
@@ -269,22 +269,9 @@ mod tests {
 
 #[cfg(test)]
 mod properties {
+    use super::tests::fields;
     use super::*;
     use proptest::prelude::*;
-
-    fn fields() -> Vec<(String, String)> {
-        [
-            ("email", "email"),
-            ("username", "username"),
-            ("firstName", "first_name"),
-            ("lastName", "last_name"),
-            ("active", "active"),
-            ("data", "data"),
-        ]
-        .iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect()
-    }
 
     fn text() -> impl Strategy<Value = Option<String>> {
         proptest::option::of("\\PC{0,40}")

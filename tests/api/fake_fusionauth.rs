@@ -895,31 +895,40 @@ async fn create_group(
             &format!("A Group with Id [{id}] already exists."),
         );
     }
+    let mut g = match checked_group(&d, &id, group) {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
+    g["insertInstant"] = json!(now_ms());
+    d.groups.insert(id, g.clone());
+    *d.group_creates.entry(id).or_insert(0) += 1;
+    Json(json!({ "group": g })).into_response()
+}
+
+/// The group as it would be stored: a name is required and unique per tenant.
+fn checked_group(d: &Data, id: &Uuid, group: &Value) -> Result<Value, Response> {
     let Some(name) = group
         .get("name")
         .and_then(Value::as_str)
         .filter(|n| !n.is_empty())
     else {
-        return field_error(
+        return Err(field_error(
             "group.name",
             "[blank]group.name",
             "You must specify the [group.name] property.",
-        );
+        ));
     };
-    if group_name_taken(&d, name, &id) {
-        return field_error(
+    if group_name_taken(d, name, id) {
+        return Err(field_error(
             "group.name",
             "[duplicate]group.name",
             &format!("A Group with name [{name}] already exists."),
-        );
+        ));
     }
     let mut g = group.clone();
     g["id"] = json!(id.to_string());
     g["roles"] = json!({});
-    g["insertInstant"] = json!(now_ms());
-    d.groups.insert(id, g.clone());
-    *d.group_creates.entry(id).or_insert(0) += 1;
-    Json(json!({ "group": g })).into_response()
+    Ok(g)
 }
 
 async fn put_group(
@@ -943,27 +952,10 @@ async fn put_group(
             "Your request is missing the Group information as JSON in the entity-body.",
         );
     };
-    let Some(name) = group
-        .get("name")
-        .and_then(Value::as_str)
-        .filter(|n| !n.is_empty())
-    else {
-        return field_error(
-            "group.name",
-            "[blank]group.name",
-            "You must specify the [group.name] property.",
-        );
+    let g = match checked_group(&d, &id, group) {
+        Ok(g) => g,
+        Err(r) => return r,
     };
-    if group_name_taken(&d, name, &id) {
-        return field_error(
-            "group.name",
-            "[duplicate]group.name",
-            &format!("A Group with name [{name}] already exists."),
-        );
-    }
-    let mut g = group.clone();
-    g["id"] = json!(id.to_string());
-    g["roles"] = json!({});
     d.groups.insert(id, g.clone());
     Json(json!({ "group": g })).into_response()
 }

@@ -22,33 +22,9 @@ use crate::fake_fusionauth::{FakeFusionAuth, API_KEY};
 pub const HASURA_SECRET: &str = "hasura-shared-secret";
 pub const WEBHOOK_SECRET: &str = "webhook-hmac-secret";
 
-/// The default app schema from DESIGN.md.
-pub const APP_SCHEMA: &str = r#"
-create table users (
-    id uuid primary key,
-    email text unique,
-    username text unique,
-    first_name text,
-    last_name text,
-    active boolean not null default true,
-    data jsonb not null default '{}',
-    created_at timestamptz not null default now(),
-    updated_at timestamptz not null default now()
-);
-create table organizations (
-    id uuid primary key,
-    name text not null,
-    slug text unique,
-    data jsonb not null default '{}',
-    created_at timestamptz not null default now()
-);
-create table organization_members (
-    organization_id uuid not null references organizations (id) on delete cascade,
-    user_id uuid not null references users (id) on delete cascade,
-    role text not null default 'member',
-    primary key (organization_id, user_id)
-);
-"#;
+/// The default app schema from DESIGN.md: the tables the shipped Hasura migration creates.
+pub const APP_SCHEMA: &str =
+    include_str!("../../hasura/migrations/default/1733300000000_app_tables/up.sql");
 
 pub fn admin_url() -> String {
     std::env::var("DATABASE_URL")
