@@ -399,3 +399,32 @@ async fn admin_commands_explain_what_is_missing() {
     assert_eq!(out.status.code(), Some(0));
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn the_daemon_reconciles_periodically_and_repairs_drift_no_event_reported() {
+    let app = TestApp::spawn_with(|env| {
+        env.insert("FUSIONSYNC__RECONCILE__INTERVAL".into(), "500ms".into());
+    })
+    .await;
+    let id = Uuid::new_v4();
+    app.db.insert_user(id, "periodic@example.com").await;
+    eventually(Duration::from_secs(10), "create", || async {
+        app.fa.user(&id).is_some()
+    })
+    .await;
+    // Deleted in FusionAuth by hand, and no webhook tells fusionsync.
+    app.fa.data().users.remove(&id);
+    eventually(
+        Duration::from_secs(15),
+        "the periodic reconcile to recreate it",
+        || async { app.fa.user(&id).is_some() },
+    )
+    .await;
+    assert!(
+        app.db
+            .count("select count(*) from fusionsync.event where source = 'reconcile'")
+            .await
+            >= 1
+    );
+    app.finish().await;
+}
