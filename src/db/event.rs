@@ -509,16 +509,6 @@ pub async fn release_worker(pool: &PgPool, worker_id: &str) -> Result<u64, sqlx:
     Ok(n)
 }
 
-/// Whether anything is due now (after a batch, decides between claiming again and waiting).
-pub async fn any_due(pool: &PgPool) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "select exists (select 1 from fusionsync.event
-                         where state = 'pending' and next_attempt_at <= now())",
-    )
-    .fetch_one(pool)
-    .await
-}
-
 /// Deletes done events processed before `older_than` ago, at most `batch` of them.
 pub async fn prune_done(
     pool: &PgPool,

@@ -70,10 +70,6 @@ impl FusionAuthClient {
         })
     }
 
-    pub fn base_url(&self) -> &str {
-        &self.base
-    }
-
     async fn send_once(
         &self,
         method: &Method,

@@ -416,6 +416,23 @@ async fn process_entity(ctx: &SyncContext, entity: &ClaimedEntity, rows: &Prefet
     .await;
     let _guard = span.enter();
     let kind = entity.kind.as_str();
+    let outcome = decide(ctx, entity, attempts, kind, result);
+    ctx.metrics.breaker_state(match ctx.breaker.state() {
+        breaker::BreakerState::Closed => 0,
+        breaker::BreakerState::Open => 1,
+        breaker::BreakerState::HalfOpen => 2,
+    });
+    outcome
+}
+
+/// Turns a reconcile's result into the events' outcome (and feeds the breaker and metrics).
+fn decide(
+    ctx: &SyncContext,
+    entity: &ClaimedEntity,
+    attempts: i32,
+    kind: &str,
+    result: Result<Option<String>, SyncError>,
+) -> Outcome {
     match result {
         Ok(fingerprint) => {
             ctx.breaker.on_success();
