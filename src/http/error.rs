@@ -94,3 +94,11 @@ pub async fn not_found() -> ApiError {
         "no such endpoint; fusionsync serves POST /hasura/events, POST /fusionauth/webhook, GET /healthz, GET /readyz, GET /metrics",
     )
 }
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "wrong method: events are POSTed, health and metrics are read with GET",
+    )
+}

@@ -44,6 +44,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
         .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
         // Bodies are read (with their own limit and timeout) by `read_body`.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)

@@ -133,7 +133,10 @@ async fn hostile_requests_get_a_clear_4xx_json_error_and_change_nothing() {
         assert_eq!(resp.status(), 400, "{name}");
     }
     // Wrong method, unknown path.
-    assert_eq!(app.http.get(&hasura).send().await.unwrap().status(), 405);
+    let wrong_method = app.http.get(&hasura).send().await.unwrap();
+    assert_eq!(wrong_method.status(), 405);
+    let b: Value = wrong_method.json().await.unwrap();
+    assert_eq!(b["error"], "method_not_allowed");
     assert_eq!(
         app.http
             .post(app.url("/admin"))
