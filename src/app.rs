@@ -48,14 +48,20 @@ pub async fn prepare_database(cfg: &Config) -> anyhow::Result<PgPool> {
     Ok(pool)
 }
 
-/// Checks the configured app tables and installs (or removes) the change triggers.
-pub async fn prepare_tables(pool: &PgPool, cfg: &Config) -> anyhow::Result<AppTables> {
+/// Checks the configured app tables against the catalog, logging what a default left out.
+pub async fn resolve_tables(pool: &PgPool, cfg: &Config) -> anyhow::Result<AppTables> {
     let tables = AppTables::resolve(pool, cfg).await.map_err(|e| {
         anyhow::anyhow!("the configured app tables do not match the database:\n{e}")
     })?;
     for note in &tables.notes {
         warn!("{note}");
     }
+    Ok(tables)
+}
+
+/// Checks the configured app tables and installs (or removes) the change triggers.
+pub async fn prepare_tables(pool: &PgPool, cfg: &Config) -> anyhow::Result<AppTables> {
+    let tables = resolve_tables(pool, cfg).await?;
     tables
         .install_triggers(pool, cfg.sources.postgres_triggers)
         .await
@@ -69,12 +75,7 @@ async fn tables_for_run(pool: &PgPool, cfg: &Config) -> anyhow::Result<AppTables
     if cfg.database.migrate_on_start {
         return prepare_tables(pool, cfg).await;
     }
-    let tables = AppTables::resolve(pool, cfg).await.map_err(|e| {
-        anyhow::anyhow!("the configured app tables do not match the database:\n{e}")
-    })?;
-    for note in &tables.notes {
-        warn!("{note}");
-    }
+    let tables = resolve_tables(pool, cfg).await?;
     if cfg.sources.postgres_triggers {
         let missing = tables.missing_triggers(pool).await?;
         if !missing.is_empty() {

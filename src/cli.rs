@@ -203,24 +203,21 @@ async fn pool_for(cfg: &Config) -> anyhow::Result<sqlx::PgPool> {
 /// Runs the parsed command; returns the process exit code.
 pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     let config_path = cli.config.clone();
-    let command = match (&cli.command, cli.replay_failed) {
+    let command = match (cli.command, cli.replay_failed) {
+        (Some(c), false) => c,
         (None, true) => Command::Replay(ReplayArgs {
             failed: true,
             ..Default::default()
         }),
-        (Some(Command::Replay(_)), true) | (None, false) => {
-            use clap::CommandFactory;
-            Cli::command().print_help()?;
-            return Ok(2);
-        }
         (Some(_), true) => {
             eprintln!("--replay-failed is a command of its own; use it without a subcommand");
             return Ok(2);
         }
-        (Some(_), false) => match cli.command {
-            Some(c) => c,
-            None => return Ok(2),
-        },
+        (None, false) => {
+            use clap::CommandFactory;
+            Cli::command().print_help()?;
+            return Ok(2);
+        }
     };
     let needs = match command {
         Command::Run | Command::Reconcile(_) => Needs::DatabaseAndFusionAuth,
@@ -454,11 +451,7 @@ async fn status(cfg: &Config, args: &StatusArgs) -> anyhow::Result<i32> {
 async fn reconcile(cfg: Config, args: &ReconcileArgs) -> anyhow::Result<i32> {
     let cfg = Arc::new(cfg);
     let pool = pool_for(&cfg).await?;
-    let tables = crate::db::app::AppTables::resolve(&pool, &cfg)
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!("the configured app tables do not match the database:\n{e}")
-        })?;
+    let tables = crate::app::resolve_tables(&pool, &cfg).await?;
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let fa = crate::fusionauth::FusionAuthClient::new(
         &cfg.fusionauth,

@@ -94,7 +94,7 @@ async fn enqueue(
     if opts.dry_run || events.is_empty() {
         return Ok(());
     }
-    report.enqueued += insert_events(&ctx.pool, &events).await?;
+    report.enqueued += insert_events(&ctx.pool, &events).await?.len() as u64;
     Ok(())
 }
 

@@ -26,13 +26,12 @@ impl Table {
     }
 }
 
+/// The membership table. Its `table.id_column` is the organization column: membership events
+/// are keyed by organization.
 #[derive(Clone, Debug)]
 pub struct MembersTable {
     pub table: Table,
-    pub org_column: String,
-    pub org_type: String,
     pub user_column: String,
-    pub user_type: String,
 }
 
 /// The app tables fusionsync works on, validated.
@@ -259,18 +258,17 @@ impl AppTables {
                             ));
                         }
                     }
-                    let ty = |c: &str| mcols.get(c).cloned().unwrap_or_else(|| "uuid".into());
                     Some(MembersTable {
                         table: Table {
                             name: m.table.clone(),
                             quoted: m.table.quoted(),
                             id_column: m.organization_column.clone(),
-                            id_type: ty(&m.organization_column),
+                            id_type: mcols
+                                .get(&m.organization_column)
+                                .cloned()
+                                .unwrap_or_else(|| "uuid".into()),
                         },
-                        org_column: m.organization_column.clone(),
-                        org_type: ty(&m.organization_column),
                         user_column: m.user_column.clone(),
-                        user_type: ty(&m.user_column),
                     })
                 }
             }
@@ -294,20 +292,13 @@ impl AppTables {
     /// Creates (or, when the Postgres source is off, drops) the statement-level triggers that
     /// record changes of the app tables. Idempotent; runs in one transaction.
     pub async fn install_triggers(&self, pool: &PgPool, enabled: bool) -> Result<(), sqlx::Error> {
-        let mut targets: Vec<(&Table, &str, String)> =
-            vec![(&self.users, "user", self.users.id_column.clone())];
-        if let Some(o) = &self.organizations {
-            targets.push((o, "organization", o.id_column.clone()));
-        }
-        if let Some(m) = &self.members {
-            targets.push((&m.table, "membership", m.org_column.clone()));
-        }
         let mut tx = pool.begin().await?;
         // Serialize concurrent start-ups of several instances.
         sqlx::query("select pg_advisory_xact_lock(hashtext('fusionsync.install_triggers'))")
             .execute(&mut *tx)
             .await?;
-        for (table, kind, key_col) in targets {
+        for (table, kind) in self.trigger_targets() {
+            let key_col = &table.id_column;
             for op in ["insert", "update", "delete"] {
                 let trigger = quote_ident(&format!("fusionsync_{kind}_{op}"));
                 sqlx::query(&format!(
@@ -339,8 +330,9 @@ impl AppTables {
         Ok(())
     }
 
-    /// Tables that lack one of fusionsync's three change triggers.
-    pub async fn missing_triggers(&self, pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
+    /// The tables that get change triggers, with the entity kind their rows are; each table's
+    /// `id_column` is the key the trigger records (the organization column for memberships).
+    fn trigger_targets(&self) -> Vec<(&Table, &'static str)> {
         let mut targets = vec![(&self.users, "user")];
         if let Some(o) = &self.organizations {
             targets.push((o, "organization"));
@@ -348,8 +340,13 @@ impl AppTables {
         if let Some(m) = &self.members {
             targets.push((&m.table, "membership"));
         }
+        targets
+    }
+
+    /// Tables that lack one of fusionsync's three change triggers.
+    pub async fn missing_triggers(&self, pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
         let mut missing = Vec::new();
-        for (table, kind) in targets {
+        for (table, kind) in self.trigger_targets() {
             let n: i64 = sqlx::query_scalar(
                 "select count(*) from pg_catalog.pg_trigger t
                    join pg_catalog.pg_class c on c.oid = t.tgrelid
@@ -485,8 +482,8 @@ impl AppTables {
         sqlx::query_scalar(&format!(
             "select to_jsonb(t) from {} t where {} = cast($1 as {})",
             m.table.quoted,
-            quote_ident(&m.org_column),
-            m.org_type
+            quote_ident(&m.table.id_column),
+            m.table.id_type
         ))
         .bind(org_key)
         .fetch_all(pool)
@@ -510,8 +507,8 @@ impl AppTables {
             sqlx::query(&format!(
                 "delete from {} where {} = cast($1 as {}) and {}::text = any($2)",
                 m.table.quoted,
-                quote_ident(&m.org_column),
-                m.org_type,
+                quote_ident(&m.table.id_column),
+                m.table.id_type,
                 quote_ident(&m.user_column)
             ))
             .bind(org_key)
@@ -521,12 +518,15 @@ impl AppTables {
         }
         for (user, cols) in upsert {
             let mut cols = cols.clone();
-            cols.insert(m.org_column.clone(), Value::String(org_key.to_string()));
+            cols.insert(
+                m.table.id_column.clone(),
+                Value::String(org_key.to_string()),
+            );
             cols.insert(m.user_column.clone(), Value::String(user.clone()));
             let names: Vec<String> = cols.keys().map(|c| quote_ident(c)).collect();
             let updates: Vec<String> = cols
                 .keys()
-                .filter(|c| **c != m.org_column && **c != m.user_column)
+                .filter(|c| **c != m.table.id_column && **c != m.user_column)
                 .map(|c| format!("{0} = excluded.{0}", quote_ident(c)))
                 .collect();
             let conflict = if updates.is_empty() {
@@ -540,7 +540,7 @@ impl AppTables {
                  on conflict ({org}, {user}) {conflict}",
                 table = m.table.quoted,
                 cols = names.join(", "),
-                org = quote_ident(&m.org_column),
+                org = quote_ident(&m.table.id_column),
                 user = quote_ident(&m.user_column),
             ))
             .bind(Value::Object(cols))
@@ -561,12 +561,12 @@ impl AppTables {
         let Some(m) = &self.members else {
             return Ok(Vec::new());
         };
-        let org = quote_ident(&m.org_column);
+        let org = quote_ident(&m.table.id_column);
         let sql = match after {
             Some(_) => format!(
                 "select distinct {org}::text, {org} from {t} where {org} > cast($1 as {ty}) order by {org} limit $2",
                 t = m.table.quoted,
-                ty = m.org_type
+                ty = m.table.id_type
             ),
             None => format!(
                 "select distinct {org}::text, {org} from {t} where $1::text is null order by {org} limit $2",

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::{PgPool, Postgres, Row};
+use sqlx::{PgPool, Row};
 
 use crate::db::CHANNEL;
 
@@ -60,69 +60,19 @@ pub struct NewEvent {
     pub dedup_key: Option<String>,
 }
 
-/// Records events in one statement and wakes the workers; returns how many were new (a
-/// duplicate `dedup_key` is skipped, which makes redelivery a no-op).
-pub async fn insert_events(pool: &PgPool, events: &[NewEvent]) -> Result<u64, sqlx::Error> {
-    if events.is_empty() {
-        return Ok(0);
-    }
-    let mut tx = pool.begin().await?;
-    let n = insert_events_in(&mut tx, events).await?;
-    if n > 0 {
-        notify(&mut *tx).await?;
-    }
-    tx.commit().await?;
-    Ok(n)
-}
-
-pub async fn insert_events_in(
-    tx: &mut sqlx::Transaction<'_, Postgres>,
-    events: &[NewEvent],
-) -> Result<u64, sqlx::Error> {
-    let mut sources = Vec::with_capacity(events.len());
-    let mut kinds = Vec::with_capacity(events.len());
-    let mut keys = Vec::with_capacity(events.len());
-    let mut dirs = Vec::with_capacity(events.len());
-    let mut ops = Vec::with_capacity(events.len());
-    let mut payloads = Vec::with_capacity(events.len());
-    let mut dedups = Vec::with_capacity(events.len());
-    for e in events {
-        sources.push(e.source.clone());
-        kinds.push(e.kind.as_str().to_string());
-        keys.push(e.key.clone());
-        dirs.push(e.direction.as_str().to_string());
-        ops.push(e.op.clone());
-        payloads.push(e.payload.clone().unwrap_or(Value::Null));
-        dedups.push(e.dedup_key.clone());
-    }
-    let res = sqlx::query(
-        "insert into fusionsync.event
-             (source, entity_kind, entity_key, direction, op, payload, dedup_key)
-         select s, k, key, d, o, nullif(p, 'null'::jsonb), dk
-         from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::text[])
-              as t(s, k, key, d, o, p, dk)
-         on conflict (dedup_key) where dedup_key is not null do nothing",
-    )
-    .bind(&sources)
-    .bind(&kinds)
-    .bind(&keys)
-    .bind(&dirs)
-    .bind(&ops)
-    .bind(&payloads)
-    .bind(&dedups)
-    .execute(&mut **tx)
-    .await?;
-    Ok(res.rows_affected())
-}
-
-/// Records events in one statement and one durable commit, waking the workers; returns the
-/// dedup keys that were new (events without a dedup key are always new).
-pub async fn insert_events_returning(
+/// Records events in one statement and one durable commit, and wakes the workers. Returns the
+/// dedup key of each event that was new (`None` for events without one, which are always new);
+/// an event whose dedup key is already recorded is skipped, which makes redelivery a no-op.
+pub async fn insert_events(
     pool: &PgPool,
     events: &[NewEvent],
-) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+) -> Result<Vec<Option<String>>, sqlx::Error> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let column = |f: fn(&NewEvent) -> Option<String>| events.iter().map(f).collect::<Vec<_>>();
     let mut tx = pool.begin().await?;
-    let keys: Vec<Option<String>> = sqlx::query_scalar(
+    let inserted: Vec<Option<String>> = sqlx::query_scalar(
         "insert into fusionsync.event
              (source, entity_kind, entity_key, direction, op, payload, dedup_key)
          select s, k, key, d, o, nullif(p, 'null'::jsonb), dk
@@ -131,20 +81,20 @@ pub async fn insert_events_returning(
          on conflict (dedup_key) where dedup_key is not null do nothing
          returning dedup_key",
     )
-    .bind(events.iter().map(|e| e.source.clone()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.kind.as_str().to_string()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.key.clone()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.direction.as_str().to_string()).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.op.clone()).collect::<Vec<_>>())
+    .bind(column(|e| Some(e.source.clone())))
+    .bind(column(|e| Some(e.kind.as_str().to_string())))
+    .bind(column(|e| Some(e.key.clone())))
+    .bind(column(|e| Some(e.direction.as_str().to_string())))
+    .bind(column(|e| Some(e.op.clone())))
     .bind(events.iter().map(|e| e.payload.clone().unwrap_or(Value::Null)).collect::<Vec<_>>())
-    .bind(events.iter().map(|e| e.dedup_key.clone()).collect::<Vec<_>>())
+    .bind(column(|e| e.dedup_key.clone()))
     .fetch_all(&mut *tx)
     .await?;
-    if !keys.is_empty() {
+    if !inserted.is_empty() {
         notify(&mut *tx).await?;
     }
     tx.commit().await?;
-    Ok(keys.into_iter().flatten().collect())
+    Ok(inserted)
 }
 
 pub async fn notify<'e, E: sqlx::PgExecutor<'e>>(executor: E) -> Result<(), sqlx::Error> {
@@ -309,7 +259,7 @@ pub async fn claim(
     // An entity leased without events (they were taken meanwhile) gives its lease back.
     let (empty, full): (Vec<_>, Vec<_>) = entities.into_iter().partition(|e| e.events.is_empty());
     if !empty.is_empty() {
-        release_entities(pool, worker_id, &empty, &[]).await?;
+        release_leases(pool, worker_id, &empty).await?;
     }
     Ok(full)
 }
@@ -350,14 +300,12 @@ pub async fn complete(
     for (entity, outcome) in results {
         fp_kinds.push(entity.kind.as_str().to_string());
         fp_keys.push(entity.key.clone());
-        if !matches!(outcome, Outcome::Done { .. }) {
-            fps.push(None);
-        }
+        fps.push(match outcome {
+            Outcome::Done { fingerprint } => fingerprint.clone(),
+            _ => None,
+        });
         match outcome {
-            Outcome::Done { fingerprint } => {
-                done_ids.extend(entity.ids());
-                fps.push(fingerprint.clone());
-            }
+            Outcome::Done { .. } => done_ids.extend(entity.ids()),
             Outcome::Retry {
                 error,
                 delay,
@@ -432,19 +380,14 @@ pub async fn complete(
     Ok(())
 }
 
-async fn release_in(
-    tx: &mut sqlx::Transaction<'_, Postgres>,
+/// Gives entity leases back without recording an outcome (leased, but nothing to do).
+async fn release_leases(
+    pool: &PgPool,
     worker_id: &str,
-    entities: &[&ClaimedEntity],
+    entities: &[ClaimedEntity],
 ) -> Result<(), sqlx::Error> {
-    if entities.is_empty() {
-        return Ok(());
-    }
-    let kinds: Vec<String> = entities
-        .iter()
-        .map(|e| e.kind.as_str().to_string())
-        .collect();
-    let keys: Vec<String> = entities.iter().map(|e| e.key.clone()).collect();
+    let kinds: Vec<&str> = entities.iter().map(|e| e.kind.as_str()).collect();
+    let keys: Vec<&str> = entities.iter().map(|e| e.key.as_str()).collect();
     sqlx::query(
         "update fusionsync.entity en set locked_by = null, locked_until = '-infinity'
            from unnest($1::text[], $2::text[]) as t(k, key)
@@ -453,35 +396,8 @@ async fn release_in(
     .bind(&kinds)
     .bind(&keys)
     .bind(worker_id)
-    .execute(&mut **tx)
+    .execute(pool)
     .await?;
-    Ok(())
-}
-
-/// Gives leases back without recording an outcome (clean shutdown, nothing to do); the
-/// listed events go back to pending with their attempt uncounted.
-pub async fn release_entities(
-    pool: &PgPool,
-    worker_id: &str,
-    entities: &[ClaimedEntity],
-    event_ids: &[i64],
-) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    if !event_ids.is_empty() {
-        sqlx::query(
-            "update fusionsync.event
-                set state = 'pending', locked_by = null, locked_until = null, updated_at = now(),
-                    attempts = greatest(attempts - 1, 0)
-              where id = any($1) and state = 'processing' and locked_by = $2",
-        )
-        .bind(event_ids)
-        .bind(worker_id)
-        .execute(&mut *tx)
-        .await?;
-    }
-    let refs: Vec<&ClaimedEntity> = entities.iter().collect();
-    release_in(&mut tx, worker_id, &refs).await?;
-    tx.commit().await?;
     Ok(())
 }
 

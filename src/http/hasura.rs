@@ -208,8 +208,8 @@ pub fn to_events(state: &AppState, ev: &HasuraEvent) -> Result<Vec<NewEvent>, Ap
     } else if let Some(m) = t.members.as_ref().filter(|m| same(&m.table.name)) {
         (
             EntityKind::Membership,
-            m.org_column.clone(),
-            m.org_type.clone(),
+            m.table.id_column.clone(),
+            m.table.id_type.clone(),
         )
     } else {
         return Err(ApiError::new(

@@ -71,9 +71,10 @@ async fn committer(pool: PgPool, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
             events = all.len(),
             "recording a batch of events"
         );
-        match event::insert_events_returning(&pool, &all).await {
-            Ok(new_keys) => {
-                let mut new_keys = new_keys;
+        match event::insert_events(&pool, &all).await {
+            Ok(inserted) => {
+                let mut new_keys: std::collections::HashSet<String> =
+                    inserted.into_iter().flatten().collect();
                 for job in jobs {
                     // A key recorded in this batch counts for the first request that had it.
                     let n = job

@@ -131,8 +131,14 @@ pub struct BatchOutcome {
     pub paused: bool,
 }
 
-/// Rows prefetched for a whole batch (the hot path: user changes going to FusionAuth).
-type Prefetched = HashMap<String, Value>;
+/// User rows read for a whole claim (the hot path: user changes going to FusionAuth); `None`
+/// when there was nothing to read or the read failed (each reconcile then reads its own).
+type Prefetched = Option<HashMap<String, Value>>;
+
+/// Whether a claimed entity's row is read with the claim's batch read.
+fn prefetchable(e: &ClaimedEntity) -> bool {
+    e.kind == EntityKind::User && !e.has(Direction::ToDatabase) && Uuid::parse_str(&e.key).is_ok()
+}
 
 pub struct Worker {
     pub ctx: Arc<SyncContext>,
@@ -365,21 +371,17 @@ async fn completer(
 async fn prefetch(ctx: &SyncContext, claimed: &[ClaimedEntity]) -> Prefetched {
     let keys: Vec<String> = claimed
         .iter()
-        .filter(|e| {
-            e.kind == EntityKind::User
-                && !e.has(Direction::ToDatabase)
-                && Uuid::parse_str(&e.key).is_ok()
-        })
+        .filter(|e| prefetchable(e))
         .map(|e| e.key.clone())
         .collect();
     if keys.is_empty() {
-        return HashMap::new();
+        return None;
     }
     match ctx.tables.users_by_ids(&ctx.pool, &keys).await {
-        Ok(rows) => rows,
+        Ok(rows) => Some(rows),
         Err(e) => {
             debug!(error = %e, "prefetching user rows failed; each reconcile reads its own");
-            HashMap::new()
+            None
         }
     }
 }
@@ -397,14 +399,10 @@ async fn process_entity(ctx: &SyncContext, entity: &ClaimedEntity, rows: &Prefet
     let result = async {
         match entity.kind {
             EntityKind::User => {
-                // A prefetched batch read only stands in for "no row" when the key was asked for.
-                let row = if !entity.has(Direction::ToDatabase)
-                    && Uuid::parse_str(&entity.key).is_ok()
-                    && !rows.is_empty()
-                {
-                    Some(rows.get(&entity.key).cloned())
-                } else {
-                    None
+                // The batch read answers "no row" only for keys it asked for.
+                let row = match rows {
+                    Some(rows) if prefetchable(entity) => Some(rows.get(&entity.key).cloned()),
+                    _ => None,
                 };
                 users::reconcile(ctx, entity, row).await
             }

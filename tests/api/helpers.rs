@@ -26,6 +26,12 @@ pub const WEBHOOK_SECRET: &str = "webhook-hmac-secret";
 pub const APP_SCHEMA: &str =
     include_str!("../../hasura/migrations/default/1733300000000_app_tables/up.sql");
 
+/// A JSON file under tests/fixtures (the documented FusionAuth and Hasura payloads).
+pub fn fixture(path: &str) -> Value {
+    let p = format!("{}/tests/fixtures/{path}", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
 pub fn admin_url() -> String {
     std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())

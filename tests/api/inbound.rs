@@ -8,11 +8,6 @@ use uuid::Uuid;
 use crate::fake_fusionauth::FakeFusionAuth;
 use crate::helpers::*;
 
-fn fixture(path: &str) -> Value {
-    let p = format!("{}/tests/fixtures/{path}", env!("CARGO_MANIFEST_DIR"));
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-
 /// A Hasura event for a users row, in the documented v2 shape.
 fn hasura_user_event(op: &str, id: Uuid, email: &str) -> Value {
     let row = json!({"id": id.to_string(), "email": email, "first_name": "Hasura", "active": true});

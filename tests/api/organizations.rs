@@ -207,14 +207,7 @@ async fn a_member_added_by_hand_in_fusionauth_is_removed_in_database_mode() {
     app.settle().await;
     app.fa
         .insert_member(&o, &stranger, json!({"role": "admin"}));
-    let mut ev: Value = serde_json::from_str(
-        &std::fs::read_to_string(format!(
-            "{}/tests/fixtures/fusionauth/events/group-member-add.json",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .unwrap(),
-    )
-    .unwrap();
+    let mut ev = fixture("fusionauth/events/group-member-add.json");
     ev["event"]["group"]["id"] = json!(o.to_string());
     ev["event"]["members"][0]["userId"] = json!(stranger.to_string());
     assert_eq!(app.post_webhook(&ev).await.status(), 200);
@@ -254,14 +247,7 @@ async fn a_member_added_by_hand_in_fusionauth_is_imported_in_two_way_mode() {
     app.fa.clear_log();
     app.fa
         .insert_member(&o, &newcomer, json!({"role": "admin"}));
-    let mut ev: Value = serde_json::from_str(
-        &std::fs::read_to_string(format!(
-            "{}/tests/fixtures/fusionauth/events/group-member-add.json",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .unwrap(),
-    )
-    .unwrap();
+    let mut ev = fixture("fusionauth/events/group-member-add.json");
     ev["event"]["id"] = json!(Uuid::new_v4().to_string());
     ev["event"]["group"]["id"] = json!(o.to_string());
     assert_eq!(app.post_webhook(&ev).await.status(), 200);
